@@ -1,0 +1,900 @@
+/**
+ * auth-proxy's contract (shared/CONTRACT.md), one describe per section.
+ * The proxy runs as its own process, as in production, against a fake
+ * Entra ID over HTTPS that verifies client assertions and a fake Azure
+ * OpenAI that records what it received (test/fakes.ts).
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { createHash, randomBytes, X509Certificate } from "node:crypto";
+import { mkdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { AzureOpenAI } from "openai";
+import packageJson from "./package.json" with { type: "json" };
+import {
+  backoffDelay,
+  describeTokenError,
+  loadConfig,
+  parseCredential,
+  refreshDelay,
+  removeHopByHopHeaders,
+  requestTarget,
+} from "./proxy.ts";
+import { CertificateFactory, type ClientCertificate } from "./test/certificates.ts";
+import { FakeAzureOpenAI, FakeEntraId } from "./test/fakes.ts";
+import { allOutput, spawnProxy, startProxy, stopAllProxies, type ProxyProcess } from "./test/harness.ts";
+import { openStream, rawRequest } from "./test/http.ts";
+
+const CLIENT_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+const PASSWORD = "correct horse battery staple";
+
+const certs = new CertificateFactory();
+let tls: ReturnType<CertificateFactory["serverTls"]>;
+let entra: FakeEntraId;
+let upstream: FakeAzureOpenAI;
+let appCertificate: ClientCertificate;
+/** Bodies the proxy itself answered with (errors, health): checked for secrets at the end. */
+const proxyBodies: string[] = [];
+
+function baseEnv(overrides: Record<string, string | undefined> = {}): Record<string, string | undefined> {
+  return {
+    AZURE_CLIENT_ID: CLIENT_ID,
+    AZURE_TENANT_ID: entra.tenantId,
+    AZURE_CERTIFICATE_PATH: appCertificate.pemPath,
+    API_BASE_URL: upstream.url,
+    AZURE_AUTHORITY_HOST: entra.authorityHost,
+    NODE_EXTRA_CA_CERTS: tls.caPath,
+    ...overrides,
+  };
+}
+
+async function readJson(response: Response): Promise<any> {
+  const text = await response.text();
+  proxyBodies.push(text);
+  return JSON.parse(text);
+}
+
+function lastReceived() {
+  return upstream.received.at(-1)!;
+}
+
+/** Restores the fake Entra ID to a healthy, long-lived default after a test changed it. */
+function resetEntra(): void {
+  entra.outage = undefined;
+  entra.releaseHanging();
+  entra.tokenLifetimeSeconds = 3600;
+  entra.refreshInSeconds = undefined;
+  entra.register({ clientId: CLIENT_ID, certificates: [appCertificate.certificatePem] });
+}
+
+beforeAll(async () => {
+  tls = certs.serverTls();
+  entra = new FakeEntraId(tls).start();
+  appCertificate = certs.client("app");
+  resetEntra();
+  upstream = await new FakeAzureOpenAI(entra).start();
+});
+
+afterAll(async () => {
+  await stopAllProxies();
+  entra.stop();
+  await upstream.stop();
+  rmSync(certs.dir, { recursive: true, force: true });
+});
+
+// ---------------------------------------------------------------- invocation
+
+describe("Invocation", () => {
+  test("--help lists every flag and exits 0", async () => {
+    const proxy = spawnProxy({}, ["--help"]);
+    expect(await proxy.exited).toBe(0);
+    for (const flag of ["--client-id", "--tenant-id", "--certificate-path", "--api-base-url", "--host", "--port", "--scope", "--authority-host", "--log-level", "--check", "--help", "--version"]) {
+      expect(proxy.stdout).toContain(flag);
+    }
+  });
+
+  test("--version and -v print the version and exit 0", async () => {
+    for (const flag of ["--version", "-v"]) {
+      const proxy = spawnProxy({}, [flag]);
+      expect(await proxy.exited).toBe(0);
+      expect(proxy.stdout.trim()).toStartWith(packageJson.version);
+    }
+  });
+
+  test("an unknown flag exits non-zero and points to --help", async () => {
+    const proxy = spawnProxy(baseEnv(), ["--no-such-flag"]);
+    expect(await proxy.exited).not.toBe(0);
+    expect(proxy.stderr).toContain("--no-such-flag");
+    expect(proxy.stderr).toContain("--help");
+  });
+
+  test("flags override the environment", async () => {
+    const proxy = await startProxy(baseEnv({ API_BASE_URL: "http://127.0.0.1:9/wrong", LOG_LEVEL: "error" }), [
+      "--api-base-url", `${upstream.url}/from-flag`,
+      "--log-level", "info",
+    ]);
+    await proxy.waitForHealth();
+    const response = await fetch(`${proxy.url}/x`);
+    expect(response.status).toBe(200);
+    expect(lastReceived().target).toBe("/from-flag/x");
+    await proxy.waitForLog((line) => line.msg === "request");
+    await proxy.stop();
+  });
+
+  test("--check acquires one token and prints a JSON summary without the token", async () => {
+    const before = entra.issued.size;
+    const proxy = spawnProxy(baseEnv(), ["--check"]);
+    expect(await proxy.exited).toBe(0);
+    const summary = JSON.parse(proxy.stdout);
+    const thumbprint = new X509Certificate(appCertificate.certificatePem).fingerprint256.replace(/:/g, "");
+    expect(summary).toMatchObject({
+      status: "ok",
+      client_id: CLIENT_ID,
+      tenant_id: entra.tenantId,
+      scope: "https://cognitiveservices.azure.com/.default",
+      certificate_thumbprint_sha256: thumbprint,
+    });
+    expect(Date.parse(summary.token_expires_on)).toBeGreaterThan(Date.now());
+    expect(entra.issued.size).toBe(before + 1);
+    const token = [...entra.issued.keys()].at(-1)!;
+    expect(proxy.stdout + proxy.stderr).not.toContain(token);
+  });
+
+  test("--check exits 1 with the AADSTS error when Entra ID rejects the certificate", async () => {
+    const stranger = certs.client("unregistered");
+    const proxy = spawnProxy(baseEnv({ AZURE_CERTIFICATE_PATH: stranger.pemPath }), ["--check"]);
+    expect(await proxy.exited).toBe(1);
+    expect(proxy.stderr).toContain("AADSTS700027");
+    expect(proxy.stderr.trim().split("\n")).toHaveLength(1);
+  });
+});
+
+// ---------------------------------------------------------------- environment and startup
+
+describe("Startup", () => {
+  /** Runs the proxy with `env` and expects a fast exit with `expected` on stderr and no stack trace. */
+  async function expectConfigError(env: Record<string, string | undefined>, expected: (string | RegExp)[]): Promise<string> {
+    const startedAt = performance.now();
+    const proxy = spawnProxy({ PORT: "0", HOST: "127.0.0.1", ...env });
+    const code = await proxy.exited;
+    const elapsed = performance.now() - startedAt;
+    expect(code).not.toBe(0);
+    expect(elapsed).toBeLessThan(2000);
+    for (const text of expected) expect(proxy.stderr).toMatch(text);
+    expect(proxy.stderr).not.toMatch(/^\s+at /m);
+    expect(proxy.stdout).not.toContain("auth-proxy started");
+    return proxy.stderr;
+  }
+
+  test("missing variables are all listed at once", async () => {
+    const stderr = await expectConfigError({}, ["Missing required Azure AD configuration: AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_CERTIFICATE_PATH, API_BASE_URL"]);
+    expect(stderr.trim().split("\n")).toHaveLength(1);
+  });
+
+  test("several faults give one line each", async () => {
+    const stderr = await expectConfigError(baseEnv({ AZURE_CLIENT_ID: undefined, API_BASE_URL: "not a url", PORT: "99999", LOG_LEVEL: "loud" }), [
+      "Missing required Azure AD configuration: AZURE_CLIENT_ID",
+      "API_BASE_URL=not a url is not a URL",
+      "PORT=99999 is not a TCP port",
+      "LOG_LEVEL=loud must be one of",
+    ]);
+    expect(stderr.trim().split("\n")).toHaveLength(4);
+  });
+
+  const badConfigurations: [string, () => Record<string, string | undefined>, (string | RegExp)[]][] = [
+    ["API_BASE_URL that is not http(s)", () => baseEnv({ API_BASE_URL: "ftp://example.com" }), ["API_BASE_URL=ftp://example.com must start with https:// or http://"]],
+    ["API_BASE_URL with a query", () => baseEnv({ API_BASE_URL: "https://x.openai.azure.com/?a=1" }), ["API_BASE_URL", "must not have a query"]],
+    ["AZURE_AUTHORITY_HOST over plain http", () => baseEnv({ AZURE_AUTHORITY_HOST: "http://login.example" }), ["AZURE_AUTHORITY_HOST=http://login.example must start with https://"]],
+    ["a client id that is not a GUID", () => baseEnv({ AZURE_CLIENT_ID: "my-app" }), ["AZURE_CLIENT_ID=my-app is not an application (client) ID"]],
+    ["the 'common' tenant", () => baseEnv({ AZURE_TENANT_ID: "common" }), ["AZURE_TENANT_ID=common cannot be used with client credentials"]],
+    ["a scope without /.default", () => baseEnv({ AZURE_SCOPE: "https://cognitiveservices.azure.com/user_impersonation" }), ["AZURE_SCOPE=", "/.default"]],
+    ["a bad port", () => baseEnv({ PORT: "http" }), ["PORT=http is not a TCP port"]],
+    ["a bad --port flag", () => ({ ...baseEnv(), __flags: "--port=-1" }), ["--port=-1 is not a TCP port"]],
+    ["a negative SHUTDOWN_TIMEOUT", () => baseEnv({ SHUTDOWN_TIMEOUT: "-1" }), ["SHUTDOWN_TIMEOUT=-1 must be a number of seconds"]],
+    ["a certificate path that does not exist", () => baseEnv({ AZURE_CERTIFICATE_PATH: "/nonexistent/cert.pem" }), ["AZURE_CERTIFICATE_PATH=/nonexistent/cert.pem cannot be read (no such file)"]],
+    ["a certificate path that is a directory", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.dir }), [`AZURE_CERTIFICATE_PATH=${certs.dir} cannot be read (is a directory)`]],
+    ["a PEM without a certificate", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.write("key-only.pem", appCertificate.privateKeyPem) }), ["key-only.pem holds no certificate"]],
+    ["a PEM without a private key", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.write("cert-only.pem", appCertificate.certificatePem) }), ["cert-only.pem holds no private key"]],
+    ["a corrupt certificate block", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.write("corrupt.pem", "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n" + appCertificate.privateKeyPem) }), ["corrupt.pem holds a certificate block that cannot be parsed"]],
+    ["a key that does not match the certificate", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.write("mismatch.pem", appCertificate.certificatePem + certs.client("other").privateKeyPem) }), [/the private key in AZURE_CERTIFICATE_PATH=\S+mismatch\.pem does not belong to its certificate \(CN=app/]],
+    ["an encrypted key without a password", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.write("enc-nopass.pem", appCertificate.certificatePem + certs.encrypted("app", PASSWORD)) }), ["holds an encrypted private key; set AZURE_CERTIFICATE_PASSWORD"]],
+    ["a wrong password", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.write("enc-wrong.pem", appCertificate.certificatePem + certs.encrypted("app", PASSWORD)), AZURE_CERTIFICATE_PASSWORD: "wrong password" }), [/AZURE_CERTIFICATE_PASSWORD does not decrypt the private key in \S+enc-wrong\.pem/]],
+    ["an EC certificate", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.client("ec", ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]).pemPath }), ["holds a EC key; Entra ID accepts only RSA certificates"]],
+  ];
+  for (const [name, env, expected] of badConfigurations) {
+    test(`${name}: exits within 2 s with one clear line`, async () => {
+      const { __flags, ...variables } = env() as Record<string, string | undefined>;
+      if (__flags) {
+        const startedAt = performance.now();
+        const proxy = spawnProxy({ HOST: "127.0.0.1", ...variables }, [__flags]);
+        expect(await proxy.exited).not.toBe(0);
+        expect(performance.now() - startedAt).toBeLessThan(2000);
+        for (const text of expected) expect(proxy.stderr).toMatch(text);
+        return;
+      }
+      const stderr = await expectConfigError(variables, expected);
+      expect(stderr.trim().split("\n")).toHaveLength(1);
+      expect(stderr).not.toContain(PASSWORD);
+    });
+  }
+
+  test("a port already in use exits with one clear line", async () => {
+    const holder = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response("taken") });
+    await expectConfigError(baseEnv({ PORT: String(holder.port) }), [`cannot listen on 127.0.0.1:${holder.port} (EADDRINUSE)`]);
+    holder.stop(true);
+  });
+
+  test("the certificate and key may come in any order, as PKCS#1 or encrypted PKCS#8, under either variable name", async () => {
+    const layouts: Record<string, string>[] = [
+      { AZURE_CERTIFICATE_PATH: certs.write("key-first.pem", appCertificate.privateKeyPem + appCertificate.certificatePem) },
+      { AZURE_CERTIFICATE_PATH: certs.write("pkcs1.pem", appCertificate.certificatePem + certs.pkcs1("app")) },
+      { AZURE_CERTIFICATE_PATH: certs.write("pkcs8-enc.pem", certs.encrypted("app", PASSWORD) + appCertificate.certificatePem), AZURE_CERTIFICATE_PASSWORD: PASSWORD },
+      { AZURE_CLIENT_CERTIFICATE_PATH: certs.write("alias.pem", certs.encrypted("app", PASSWORD) + appCertificate.certificatePem), AZURE_CLIENT_CERTIFICATE_PASSWORD: PASSWORD },
+    ];
+    for (const layout of layouts) {
+      const proxy = spawnProxy(baseEnv({ AZURE_CERTIFICATE_PATH: undefined, ...layout }), ["--check"]);
+      expect(await proxy.exited).toBe(0);
+      expect(JSON.parse(proxy.stdout).status).toBe("ok");
+    }
+  });
+
+  test("AZURE_CLIENT_SEND_CERTIFICATE_CHAIN=true sends x5c for subject-name/issuer authentication", async () => {
+    const chained = certs.chained("sni-app");
+    const sniClientId = "5b9f7e3a-1c2d-4e5f-8a9b-0c1d2e3f4a5b";
+    entra.register({ clientId: sniClientId, certificates: [], trustedIssuerPem: chained.issuerPem });
+    const env = baseEnv({ AZURE_CLIENT_ID: sniClientId, AZURE_CERTIFICATE_PATH: chained.pemPath });
+
+    const withoutChain = spawnProxy(env, ["--check"]);
+    expect(await withoutChain.exited).toBe(1);
+    expect(withoutChain.stderr).toContain("AADSTS700027");
+
+    const withChain = spawnProxy({ ...env, AZURE_CLIENT_SEND_CERTIFICATE_CHAIN: "true" }, ["--check"]);
+    expect(await withChain.exited).toBe(0);
+  });
+
+  test("the proxy listens at once while the first token is still being acquired", async () => {
+    entra.outage = { kind: "hang" };
+    try {
+      const proxy = await startProxy(baseEnv());
+      expect((await fetch(`${proxy.url}/live`)).status).toBe(200);
+      const health = await fetch(`${proxy.url}/health`);
+      expect(health.status).toBe(503);
+      expect((await readJson(health)).status).toBe("unavailable");
+      await proxy.stop();
+    } finally {
+      resetEntra();
+    }
+  });
+});
+
+// ---------------------------------------------------------------- endpoints
+
+describe("Endpoints the proxy owns", () => {
+  let proxy: ProxyProcess;
+  beforeAll(async () => {
+    proxy = await startProxy(baseEnv());
+    await proxy.waitForHealth();
+  });
+  afterAll(() => proxy.stop());
+
+  test("/health answers 200 {status: ok} while a valid token is held", async () => {
+    const response = await fetch(`${proxy.url}/health`);
+    expect(response.status).toBe(200);
+    expect(await readJson(response)).toEqual({ status: "ok" });
+    const head = await fetch(`${proxy.url}/health`, { method: "HEAD" });
+    expect(head.status).toBe(200);
+    expect(await head.text()).toBe("");
+  });
+
+  test("/live answers 200 {status: ok} while the process serves", async () => {
+    const response = await fetch(`${proxy.url}/live`);
+    expect(response.status).toBe(200);
+    expect(await readJson(response)).toEqual({ status: "ok" });
+  });
+
+  test("/health answers 503 with a reason while no valid token is held", async () => {
+    entra.outage = { kind: "error", status: 400, error: "invalid_client", code: 7000222, description: "The provided client certificate is expired." };
+    try {
+      const starved = await startProxy(baseEnv());
+      await starved.waitForLog((line) => line.msg === "token acquisition failed");
+      const response = await fetch(`${starved.url}/health`);
+      expect(response.status).toBe(503);
+      const body = await readJson(response);
+      expect(body.status).toBe("unavailable");
+      expect(body.reason).toContain("AADSTS7000222");
+      await starved.stop();
+    } finally {
+      resetEntra();
+    }
+  });
+
+  test("only exact GET/HEAD paths are the proxy's own; anything else is forwarded", async () => {
+    for (const [method, path] of [["POST", "/health"], ["GET", "/health?verbose=1"], ["GET", "/healthz"], ["GET", "/live/"], ["DELETE", "/live"]] as const) {
+      const response = await fetch(`${proxy.url}${path}`, { method });
+      expect(response.status).toBe(200);
+      expect(lastReceived().target).toBe(path);
+      expect(lastReceived().method).toBe(method);
+    }
+  });
+});
+
+// ---------------------------------------------------------------- forwarding
+
+describe("Forwarding", () => {
+  let proxy: ProxyProcess;
+  beforeAll(async () => {
+    proxy = await startProxy(baseEnv({ API_BASE_URL: `${upstream.url}/prefix/` }));
+    await proxy.waitForHealth();
+  });
+  afterAll(() => proxy.stop());
+
+  test("the raw path and query are appended to API_BASE_URL's prefix byte for byte", async () => {
+    const target = "/openai/deployments/gpt-4o/x%2Fy/%7Ez%20w/caf%C3%A9?b=2&a=1&a=3&e=%20+%2B&empty=&flag";
+    const response = await rawRequest(proxy.port, `GET ${target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n`);
+    expect(response.status).toBe(200);
+    expect(lastReceived().target).toBe(`/prefix${target}`);
+  });
+
+  test("hostile request targets never reach another origin", async () => {
+    const trap = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response("trapped") });
+    const other = `127.0.0.1:${trap.port}`;
+    const targets = [
+      `//${other}/x`,
+      `http://${other}/x`,
+      `https://${other}/x`,
+      `/../../x`,
+      `/%2e%2e/%2e%2e/x`,
+      `/%2E%2E%2F%2E%2E%2Fx`,
+      `/\\${other}\\x`,
+      `/\\\\${other}/x`,
+      `/x/../../..//${other}/y`,
+      `@${other}/x`,
+    ];
+    let trapped = 0;
+    const trapCount = () => trapped;
+    trap.reload({ fetch: () => ((trapped += 1), new Response("trapped")) });
+    for (const target of targets) {
+      const before = upstream.received.length;
+      const response = await rawRequest(proxy.port, `GET ${target} HTTP/1.1\r\nHost: ${other}\r\nConnection: close\r\n\r\n`);
+      if (response.status === 400) {
+        expect(upstream.received.length).toBe(before); // refused by the HTTP parser: nothing forwarded
+      } else {
+        expect(response.status).toBe(200);
+        expect(lastReceived().target).toStartWith("/prefix/");
+        expect(lastReceived().headers.host).toBe(`127.0.0.1:${upstream.port}`);
+      }
+    }
+    expect(trapCount()).toBe(0);
+    trap.stop(true);
+  });
+
+  test("request headers pass unchanged except Host, Authorization, api-key and hop-by-hop headers", async () => {
+    const request = [
+      "POST /openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21 HTTP/1.1",
+      "Host: app.internal:8080",
+      "Authorization: Bearer the-apps-placeholder",
+      "api-key: sk-placeholder",
+      "Connection: close, X-Hop-Named",
+      "X-Hop-Named: 1",
+      "Keep-Alive: timeout=5",
+      "Proxy-Authorization: Basic dXNlcjpwYXNz",
+      "Proxy-Connection: keep-alive",
+      "TE: trailers",
+      "Trailer: X-Checksum",
+      "User-Agent: OpenAI/Python 1.99.0",
+      "Accept-Encoding: gzip",
+      "X-Ms-Client-Request-Id: 42",
+      "X-Repeated: a",
+      "X-Repeated: b",
+      "Content-Type: application/json",
+      "Content-Length: 2",
+      "",
+      "{}",
+    ].join("\r\n");
+    await rawRequest(proxy.port, request);
+    const received = lastReceived();
+    const headers = received.headers;
+    expect(headers.host).toBe(`127.0.0.1:${upstream.port}`);
+    expect(headers.authorization).toMatch(/^Bearer fake-at-/);
+    expect(entra.isValid(headers.authorization!.slice(7))).toBe(true);
+    for (const removed of ["api-key", "x-hop-named", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "upgrade"]) {
+      expect(headers[removed]).toBeUndefined();
+    }
+    expect(headers["user-agent"]).toBe("OpenAI/Python 1.99.0");
+    expect(headers["accept-encoding"]).toBe("gzip");
+    expect(headers["x-ms-client-request-id"]).toBe("42");
+    expect(headers["x-repeated"]).toBe("a, b");
+    expect(headers["content-type"]).toBe("application/json");
+    expect(received.bodySha256).toBe(createHash("sha256").update("{}").digest("hex"));
+  });
+
+  test("a 50 MB upload arrives byte-exact, streamed without the proxy holding the body", async () => {
+    const size = 50 * 1024 * 1024;
+    const body = randomBytes(size);
+    const status = () => readFileSync(`/proc/${proxy.proc.pid}/status`, "utf8");
+    const kib = (field: string) => Number(new RegExp(`${field}:\\s+(\\d+)`).exec(status())![1]);
+    const rssBefore = kib("VmRSS");
+    const response = await fetch(`${proxy.url}/upload`, { method: "POST", body });
+    expect(response.status).toBe(200);
+    const received = lastReceived();
+    expect(received.bodyLength).toBe(size);
+    expect(received.bodySha256).toBe(createHash("sha256").update(body).digest("hex"));
+    expect(received.headers["content-length"]).toBe(String(size));
+    // VmHWM is the peak since start: had the body been buffered it would have grown by 50 MB.
+    expect(kib("VmHWM") - rssBefore).toBeLessThan(25 * 1024);
+  });
+
+  test("a chunked upload of unknown length arrives byte-exact", async () => {
+    const parts = [randomBytes(100_000), randomBytes(3), randomBytes(70_000)];
+    const expected = createHash("sha256").update(Buffer.concat(parts)).digest("hex");
+    const stream = new ReadableStream<Uint8Array>({
+      async pull(controller) {
+        const next = parts.shift();
+        if (next) controller.enqueue(next);
+        else controller.close();
+      },
+    });
+    const response = await fetch(`${proxy.url}/upload-chunked`, { method: "POST", body: stream });
+    expect(response.status).toBe(200);
+    expect(lastReceived().bodySha256).toBe(expected);
+    expect(lastReceived().bodyLength).toBe(170_003);
+  });
+
+  test("responses keep status and every header, repeated Set-Cookie too, minus hop-by-hop headers", async () => {
+    const response = await fetch(`${proxy.url}/test/headers`);
+    expect(response.status).toBe(200);
+    expect(response.headers.getSetCookie()).toEqual(["a=1; Path=/", "b=2; Path=/"]);
+    expect(response.headers.get("x-upstream")).toBe("yes");
+    expect(response.headers.get("content-type")).toBe("text/plain");
+    for (const removed of ["x-private-hop", "keep-alive", "proxy-authenticate", "upgrade"]) {
+      expect(response.headers.get(removed)).toBeNull();
+    }
+    expect(await response.text()).toBe("headers");
+    for (const code of [201, 404, 429, 500]) {
+      const status = await fetch(`${proxy.url}/test/status?code=${code}`);
+      expect(status.status).toBe(code);
+      expect(await status.json()).toEqual({ status: code });
+    }
+  });
+
+  test("a gzip body passes byte-exact with Content-Encoding kept", async () => {
+    const response = await fetch(`${proxy.url}/test/gzip`, { headers: { "accept-encoding": "gzip" }, decompress: false } as RequestInit);
+    expect(response.headers.get("content-encoding")).toBe("gzip");
+    const bytes = Buffer.from(await response.arrayBuffer());
+    expect(bytes[0]).toBe(0x1f); // gzip magic: not decoded on the way
+    expect(createHash("sha256").update(bytes).digest("hex")).toBe(response.headers.get("x-body-sha256")!);
+    expect(lastReceived().headers["accept-encoding"]).toBe("gzip");
+  });
+
+  test("each SSE event reaches the client as soon as the upstream sends it", async () => {
+    // The fake sends event n+1 only after the client has received event n:
+    // a proxy that held back even one event would deadlock here.
+    // Bun.serve sends a streamed response's head with its first chunk
+    // (oven-sh/bun PR #33660), so the first event is released before the head is awaited.
+    upstream.gated = true;
+    try {
+      upstream.releaseEvent();
+      const pending = fetch(`${proxy.url}/test/sse?events=5`);
+      const response = await pending;
+      expect(response.headers.get("content-type")).toBe("text/event-stream");
+      const reader = response.body!.getReader();
+      const decoder = new TextDecoder();
+      let text = "";
+      for (let event = 0; event < 5; event++) {
+        if (event > 0) upstream.releaseEvent();
+        while (!text.includes(`{"event":${event}}`)) {
+          const { value, done } = await reader.read();
+          expect(done).toBe(false);
+          text += decoder.decode(value);
+        }
+      }
+      expect((await reader.read()).done).toBe(true);
+      expect(text).toBe([0, 1, 2, 3, 4].map((event) => `data: {"event":${event}}\n\n`).join(""));
+    } finally {
+      upstream.gated = false;
+    }
+  });
+
+  test("upstream redirects are returned to the client, never followed", async () => {
+    const before = upstream.received.length;
+    const response = await fetch(`${proxy.url}/test/redirect`, { redirect: "manual" });
+    expect(response.status).toBe(302);
+    expect(response.headers.get("location")).toBe("https://elsewhere.example/steal");
+    expect(upstream.received.length).toBe(before + 1);
+  });
+
+  test("a response silent for 15 s before its first byte completes", async () => {
+    const response = await fetch(`${proxy.url}/test/silent?ms=15000`);
+    expect(response.status).toBe(200);
+    expect(await response.json()).toEqual({ late: true });
+  }, 30_000);
+
+  test("a client disconnect aborts the upstream request within 1 s", async () => {
+    const { socket } = await openStream(proxy.port, "GET /test/stream?ms=60000&interval=100 HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    const record = lastReceived();
+    expect(record.closedAtMs).toBeUndefined();
+    const disconnectedAt = Date.now();
+    socket.destroy();
+    while (record.closedAtMs === undefined && Date.now() - disconnectedAt < 3000) await Bun.sleep(20);
+    expect(record.closedAtMs).toBeDefined();
+    expect(record.closedAtMs! - disconnectedAt).toBeLessThan(1000);
+  });
+
+  test("more than 256 concurrent streams all reach the upstream at once", async () => {
+    const count = 300;
+    const before = upstream.received.length;
+    const streams = await Promise.all(
+      Array.from({ length: count }, () => openStream(proxy.port, "GET /test/stream?ms=4000&interval=1000 HTTP/1.1\r\nHost: localhost\r\n\r\n")),
+    );
+    const arrived = upstream.received.slice(before);
+    expect(arrived).toHaveLength(count);
+    // All started while every stream was still open: none waited in a queue for another to end.
+    expect(arrived.every((record) => record.closedAtMs === undefined)).toBe(true);
+    for (const { socket } of streams) socket.destroy();
+  }, 20_000);
+
+  test("an unreachable upstream gives 502 as OpenAI-shaped JSON", async () => {
+    const closed = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response() });
+    const port = closed.port;
+    closed.stop(true);
+    const orphan = await startProxy(baseEnv({ API_BASE_URL: `http://127.0.0.1:${port}` }));
+    await orphan.waitForHealth();
+    const response = await fetch(`${orphan.url}/openai/models`);
+    expect(response.status).toBe(502);
+    const body = await readJson(response);
+    expect(body.error).toMatchObject({ type: "auth_proxy_error", code: "upstream_unreachable" });
+    expect(body.error.message).toContain(`127.0.0.1:${port}`);
+    await orphan.stop();
+  });
+
+  test("an upstream 401 passes through unchanged and starts a token refresh", async () => {
+    const acquisitions = () => proxy.lines.filter((line) => line.msg === "token acquired").length;
+    const before = acquisitions();
+    const response = await fetch(`${proxy.url}/test/status?code=401`);
+    expect(response.status).toBe(401);
+    expect(await response.json()).toEqual({ status: 401 });
+    await proxy.waitForLog((line) => line.msg === "token acquired" && line.trigger === "upstream answered 401");
+    expect(acquisitions()).toBe(before + 1);
+  });
+
+  test("the official openai SDK's AzureOpenAI client works through the proxy, streamed and not", async () => {
+    const client = new AzureOpenAI({ endpoint: `http://127.0.0.1:${proxy.port}`, apiKey: "placeholder-key", apiVersion: "2024-10-21", deployment: "gpt-4o" });
+    const completion = await client.chat.completions.create({ model: "gpt-4o", messages: [{ role: "user", content: "Hi" }] });
+    expect(completion.choices[0]!.message.content).toBe("Hello from the fake Azure OpenAI.");
+    expect(lastReceived().target).toBe("/prefix/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21");
+    expect(lastReceived().headers["api-key"]).toBeUndefined();
+
+    const stream = await client.chat.completions.create({ model: "gpt-4o", messages: [{ role: "user", content: "Hi" }], stream: true });
+    let text = "";
+    for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? "";
+    expect(text).toBe("Hello from the fake Azure OpenAI.");
+  });
+});
+
+// ---------------------------------------------------------------- token lifecycle
+
+describe("Token lifecycle", () => {
+  test("refresh is due at expiry minus 5 min, earlier with refresh_in, at half-life under 10 min", () => {
+    const obtainedAtMs = 1_000_000;
+    const minutes = (n: number) => n * 60_000;
+    expect(refreshDelay({ obtainedAtMs, expiresOnMs: obtainedAtMs + minutes(75), refreshOnMs: undefined })).toBe(minutes(70));
+    expect(refreshDelay({ obtainedAtMs, expiresOnMs: obtainedAtMs + minutes(75), refreshOnMs: obtainedAtMs + minutes(37) })).toBe(minutes(37));
+    expect(refreshDelay({ obtainedAtMs, expiresOnMs: obtainedAtMs + minutes(75), refreshOnMs: obtainedAtMs + minutes(72) })).toBe(minutes(70));
+    expect(refreshDelay({ obtainedAtMs, expiresOnMs: obtainedAtMs + 6000, refreshOnMs: undefined })).toBe(3000);
+    expect(refreshDelay({ obtainedAtMs, expiresOnMs: obtainedAtMs + minutes(9), refreshOnMs: undefined })).toBe(minutes(4.5));
+    expect(refreshDelay({ obtainedAtMs, expiresOnMs: obtainedAtMs - 1, refreshOnMs: undefined })).toBe(0);
+  });
+
+  test("backoff doubles from 1 s to 60 s with jitter", () => {
+    expect([1, 2, 3, 4, 5, 6, 7, 8, 20].map((failures) => backoffDelay(failures, 1))).toEqual([1000, 2000, 4000, 8000, 16000, 32000, 60000, 60000, 60000]);
+    expect(backoffDelay(3, 0)).toBe(2000);
+    expect(backoffDelay(20, 0)).toBe(30000);
+  });
+
+  test("tokens living 6 s: 30 s of continuous traffic without a 401, a 503 or an expired token", async () => {
+    entra.tokenLifetimeSeconds = 6;
+    try {
+      const proxy = await startProxy(baseEnv({ LOG_LEVEL: "warn" }));
+      await proxy.waitForHealth();
+      const rejectedBefore = upstream.rejected;
+      const statuses = new Map<number, number>();
+      const until = Date.now() + 30_000;
+      await Promise.all(Array.from({ length: 4 }, async () => {
+        while (Date.now() < until) {
+          const response = await fetch(`${proxy.url}/openai/models`);
+          await response.arrayBuffer();
+          statuses.set(response.status, (statuses.get(response.status) ?? 0) + 1);
+          await Bun.sleep(10);
+        }
+      }));
+      expect([...statuses.keys()]).toEqual([200]);
+      expect(statuses.get(200)!).toBeGreaterThan(100);
+      expect(upstream.rejected).toBe(rejectedBefore);
+      await proxy.stop();
+    } finally {
+      resetEntra();
+    }
+  }, 60_000);
+
+  test("Entra ID's refresh_in brings the refresh forward", async () => {
+    entra.refreshInSeconds = 2;
+    try {
+      const proxy = await startProxy(baseEnv());
+      const first = await proxy.waitForLog((line) => line.msg === "token acquired");
+      expect(Date.parse(String(first.refresh_at)) - Date.parse(first.time)).toBeLessThan(3000);
+      await proxy.waitForLog((line) => line.msg === "token acquired" && line.trigger === "scheduled", 6000);
+      await proxy.stop();
+    } finally {
+      resetEntra();
+    }
+  });
+
+  test("identity provider down after the first token: no failed request while it is valid, recovery after", async () => {
+    entra.tokenLifetimeSeconds = 6;
+    try {
+      const proxy = await startProxy(baseEnv());
+      const first = await proxy.waitForLog((line) => line.msg === "token acquired");
+      entra.outage = { kind: "error", status: 503, error: "temporarily_unavailable", code: 90033, description: "A transient error has occurred. Please try again." };
+      const expiresAt = Date.parse(String(first.expires_on));
+      // While the token is valid (its last second spared for clock rounding), every request succeeds.
+      while (Date.now() < expiresAt - 1000) {
+        const response = await fetch(`${proxy.url}/openai/models`);
+        expect(response.status).toBe(200);
+        await response.arrayBuffer();
+        await Bun.sleep(50);
+      }
+      const warning = await proxy.waitForLog((line) => line.msg === "token acquisition failed");
+      expect(warning).toMatchObject({ level: "warn", aadsts: "AADSTS90033" });
+      // Once it has expired, requests get 503 with Retry-After until Entra ID is back.
+      await Bun.sleep(Math.max(0, expiresAt + 200 - Date.now()));
+      const refused = await fetch(`${proxy.url}/openai/models`);
+      expect(refused.status).toBe(503);
+      expect(Number(refused.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
+      expect((await readJson(refused)).error.code).toBe("token_unavailable");
+      await proxy.waitForLog((line) => line.msg === "token acquisition failed" && line.level === "error");
+      entra.outage = undefined;
+      await proxy.waitForHealth(200, 20_000);
+      expect((await fetch(`${proxy.url}/openai/models`)).status).toBe(200);
+      await proxy.stop();
+    } finally {
+      resetEntra();
+    }
+  }, 40_000);
+
+  test("identity provider unreachable at start: 503 with Retry-After, no exit, recovery when it returns", async () => {
+    entra.stop();
+    try {
+      const proxy = await startProxy(baseEnv());
+      const failure = await proxy.waitForLog((line) => line.msg === "token acquisition failed");
+      expect(failure.level).toBe("error");
+      const response = await fetch(`${proxy.url}/openai/deployments/x/chat/completions`, { method: "POST", body: "{}" });
+      expect(response.status).toBe(503);
+      expect(Number(response.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
+      expect((await readJson(response)).error).toMatchObject({ type: "auth_proxy_error", code: "token_unavailable" });
+      await Bun.sleep(1500);
+      expect(proxy.exitCode).toBeNull();
+      entra.start();
+      await proxy.waitForHealth(200, 20_000);
+      expect((await fetch(`${proxy.url}/openai/models`)).status).toBe(200);
+      await proxy.stop();
+    } finally {
+      entra.stop();
+      entra.start();
+      resetEntra();
+    }
+  }, 40_000);
+
+  test("a token request that hangs is given up after 10 s and retried", async () => {
+    entra.outage = { kind: "hang" };
+    try {
+      const proxy = await startProxy(baseEnv());
+      const failure = await proxy.waitForLog((line) => line.msg === "token acquisition failed", 15_000);
+      expect(String(failure.error)).toContain("no answer within 10 s");
+      entra.outage = undefined;
+      await proxy.waitForHealth(200, 10_000);
+      await proxy.stop();
+    } finally {
+      resetEntra();
+    }
+  }, 40_000);
+
+  test("a certificate swapped like a Kubernetes Secret is used without restart; a broken one is ignored", async () => {
+    // kubelet's layout: cert.pem -> ..data/cert.pem, ..data -> ..<timestamp>/, swapped by renaming a new ..data link.
+    const secretDir = join(certs.dir, "secret-volume");
+    const mount = (version: string, pem: string) => {
+      mkdirSync(join(secretDir, version), { recursive: true });
+      writeFileSync(join(secretDir, version, "cert.pem"), pem);
+      symlinkSync(version, join(secretDir, "..data_tmp"));
+      renameSync(join(secretDir, "..data_tmp"), join(secretDir, "..data"));
+    };
+    const oldCert = certs.client("rotation-old");
+    const newCert = certs.client("rotation-new");
+    const rotationClientId = "9c8b7a6f-5e4d-4c3b-8a2f-1e0d9c8b7a6f";
+    entra.register({ clientId: rotationClientId, certificates: [oldCert.certificatePem] });
+    mount("..v1", readFileSync(oldCert.pemPath, "utf8"));
+    symlinkSync("..data/cert.pem", join(secretDir, "cert.pem"));
+    entra.tokenLifetimeSeconds = 4;
+    try {
+      const proxy = await startProxy(baseEnv({ AZURE_CLIENT_ID: rotationClientId, AZURE_CERTIFICATE_PATH: join(secretDir, "cert.pem") }));
+      const thumbprint = (pem: string) => new X509Certificate(pem).fingerprint256.replace(/:/g, "");
+      await proxy.waitForLog((line) => line.msg === "token acquired" && line.certificate_thumbprint === thumbprint(oldCert.certificatePem));
+
+      // A broken file is reported and the last good certificate keeps working.
+      mount("..v2", "-----BEGIN CERTIFICATE-----\ntruncated");
+      const broken = await proxy.waitForLog((line) => line.msg === "certificate file unusable; keeping the last good certificate");
+      expect(String(broken.error)).toContain("holds no certificate");
+      const acquisitions = proxy.lines.filter((line) => line.msg === "token acquired").length;
+      await proxy.waitForLog((line) => line.msg === "token acquired" && proxy.lines.filter((l) => l.msg === "token acquired").length > acquisitions);
+
+      // Rotation: the new certificate is uploaded, the file swapped, the old certificate revoked.
+      entra.register({ clientId: rotationClientId, certificates: [oldCert.certificatePem, newCert.certificatePem] });
+      mount("..v3", readFileSync(newCert.pemPath, "utf8"));
+      entra.register({ clientId: rotationClientId, certificates: [newCert.certificatePem] });
+      await proxy.waitForLog((line) => line.msg === "token acquired" && line.certificate_thumbprint === thumbprint(newCert.certificatePem));
+      expect(proxy.lines.some((line) => line.msg === "certificate changed")).toBe(true);
+      const response = await fetch(`${proxy.url}/openai/models`);
+      expect(response.status).toBe(200);
+      expect(proxy.lines.filter((line) => line.msg === "token acquisition failed")).toHaveLength(0);
+      await proxy.stop();
+    } finally {
+      resetEntra();
+    }
+  }, 30_000);
+});
+
+// ---------------------------------------------------------------- logs
+
+describe("Logs", () => {
+  let proxy: ProxyProcess;
+  beforeAll(async () => {
+    proxy = await startProxy(baseEnv());
+    await proxy.waitForHealth();
+    await (await fetch(`${proxy.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21&secret=query`, { method: "POST", body: "{}" })).text();
+  });
+  afterAll(() => proxy.stop());
+
+  test("every line is one JSON object with time, level and msg", () => {
+    const lines = proxy.stdout.trim().split("\n");
+    expect(lines.length).toBeGreaterThanOrEqual(3);
+    for (const line of lines) {
+      const entry = JSON.parse(line);
+      expect(Number.isNaN(Date.parse(entry.time))).toBe(false);
+      expect(["debug", "info", "warn", "error"]).toContain(entry.level);
+      expect(typeof entry.msg).toBe("string");
+    }
+  });
+
+  test("the startup line names version, listen address, upstream, client, tenant and certificate thumbprint", () => {
+    const started = proxy.lines.find((line) => line.msg === "auth-proxy started")!;
+    expect(started).toMatchObject({
+      version: packageJson.version,
+      listen: `127.0.0.1:${proxy.port}`,
+      upstream: upstream.url,
+      client_id: CLIENT_ID,
+      tenant_id: entra.tenantId,
+      certificate_thumbprint: new X509Certificate(appCertificate.certificatePem).fingerprint256.replace(/:/g, ""),
+    });
+  });
+
+  test("a token refresh logs its expiry", () => {
+    const acquired = proxy.lines.find((line) => line.msg === "token acquired")!;
+    expect(Date.parse(String(acquired.expires_on))).toBeGreaterThan(Date.now());
+  });
+
+  test("each request has an access line with method, path without query, status and duration", () => {
+    const access = proxy.lines.find((line) => line.msg === "request")!;
+    expect(access).toMatchObject({ level: "info", method: "POST", path: "/openai/deployments/gpt-4o/chat/completions", status: 200 });
+    expect(typeof access.duration_ms).toBe("number");
+    expect(proxy.stdout).not.toContain("secret=query");
+  });
+
+  test("LOG_LEVEL=warn drops the access lines", async () => {
+    const quiet = await startProxy(baseEnv({ LOG_LEVEL: "warn" }));
+    await quiet.waitForHealth();
+    await (await fetch(`${quiet.url}/openai/models`)).text();
+    expect(quiet.lines.filter((line) => line.level === "info")).toEqual([]);
+    await quiet.stop();
+  });
+});
+
+// ---------------------------------------------------------------- signals
+
+describe("Signals", () => {
+  for (const signal of ["SIGTERM", "SIGINT"] as const) {
+    test(`${signal}: /health turns 503 at once, no new requests are taken, in-flight streams finish, exit 0`, async () => {
+      const proxy = await startProxy(baseEnv({ SHUTDOWN_TIMEOUT: "10" }));
+      await proxy.waitForHealth();
+      const stream = await fetch(`${proxy.url}/test/stream?ms=1500&interval=100`);
+      const reader = stream.body!.getReader();
+      await reader.read();
+      // A keep-alive connection opened before the signal, as a kubelet probe or client pool holds.
+      const { socket } = await openStream(proxy.port, "GET /live HTTP/1.1\r\nHost: localhost\r\n\r\n");
+      proxy.proc.kill(signal);
+      await proxy.waitForLog((line) => line.msg === "shutting down");
+      const probe = await new Promise<string>((resolve) => {
+        let text = "";
+        socket.on("data", (chunk) => (text += chunk));
+        socket.on("close", () => resolve(text));
+        socket.write("GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+      });
+      // Either the probe is answered 503 or the connection is closed: never 200.
+      expect(probe).not.toContain("200 OK");
+      if (probe) expect(probe).toContain("503");
+      await expect(fetch(`${proxy.url}/openai/models`)).rejects.toThrow();
+      let events = 1;
+      for (;;) {
+        const { done } = await reader.read();
+        if (done) break;
+        events += 1;
+      }
+      expect(events).toBeGreaterThan(10);
+      expect(await proxy.exited).toBe(0);
+    });
+  }
+
+  test("SHUTDOWN_TIMEOUT bounds the drain: a longer stream is cut, and the exit is still 0", async () => {
+    const proxy = await startProxy(baseEnv({ SHUTDOWN_TIMEOUT: "1" }));
+    await proxy.waitForHealth();
+    const stream = await fetch(`${proxy.url}/test/stream?ms=60000&interval=100`);
+    const reader = stream.body!.getReader();
+    await reader.read();
+    const signalledAt = performance.now();
+    proxy.proc.kill("SIGTERM");
+    expect(await proxy.exited).toBe(0);
+    const elapsed = performance.now() - signalledAt;
+    expect(elapsed).toBeGreaterThan(900);
+    expect(elapsed).toBeLessThan(5000);
+    expect(proxy.lines.some((line) => line.msg === "shutdown timeout reached; closing open requests")).toBe(true);
+  });
+});
+
+// ---------------------------------------------------------------- pure pieces
+
+describe("Pure pieces", () => {
+  test("requestTarget keeps the raw path and query of absolute and relative request URLs", () => {
+    expect(requestTarget("http://localhost:8080/a%2Fb?x=1&x=2")).toBe("/a%2Fb?x=1&x=2");
+    expect(requestTarget("http://[::1]:8080//other/x")).toBe("//other/x");
+    expect(requestTarget("/relative?q")).toBe("/relative?q");
+    expect(requestTarget("http://localhost")).toBe("/");
+  });
+
+  test("removeHopByHopHeaders removes the RFC 9110 set and what Connection names", () => {
+    const headers = new Headers({ connection: "close, X-A", "x-a": "1", "x-b": "2", te: "trailers", "transfer-encoding": "chunked", upgrade: "websocket" });
+    removeHopByHopHeaders(headers);
+    expect([...headers.keys()]).toEqual(["x-b"]);
+  });
+
+  test("loadConfig drops API_BASE_URL's trailing slash and keeps its path prefix", () => {
+    const { config } = loadConfig({ AZURE_CLIENT_ID: CLIENT_ID, AZURE_TENANT_ID: "contoso.onmicrosoft.com", AZURE_CERTIFICATE_PATH: "/c.pem", API_BASE_URL: "https://r.openai.azure.com/base/" });
+    expect(config).toMatchObject({ apiBaseUrl: "https://r.openai.azure.com/base", upstreamOrigin: "https://r.openai.azure.com", host: "0.0.0.0", port: 8080, logLevel: "info", shutdownTimeoutMs: 25000, sendCertificateChain: false });
+  });
+
+  test("parseCredential computes the SHA-256 thumbprint and puts the leaf first in the chain", () => {
+    const chained = certs.chained("order");
+    const credential = parseCredential(chained.issuerPem + chained.privateKeyPem + chained.certificatePem, undefined, "test.pem");
+    expect(credential.thumbprintSha256).toBe(new X509Certificate(chained.certificatePem).fingerprint256.replace(/:/g, ""));
+    expect(credential.certificateChainPem.indexOf(chained.certificatePem.trim().split("\n")[1]!)).toBe(28);
+    expect(credential.subject).toBe("CN=order");
+  });
+
+  test("describeTokenError keeps the AADSTS code and first line, not the trace ids", () => {
+    const described = describeTokenError({ errorCode: "invalid_client", errorMessage: "AADSTS700027: Client assertion failed signature validation.\r\nTrace ID: abc\r\nCorrelation ID: def" });
+    expect(described).toEqual({ aadsts: "AADSTS700027", message: "AADSTS700027: Client assertion failed signature validation." });
+  });
+});
+
+// ---------------------------------------------------------------- secrets
+
+describe("Secrets", () => {
+  test("no token, client assertion, private key or password appears in any output or proxy response", () => {
+    const output = allOutput.join("") + proxyBodies.join("\n");
+    expect(output.length).toBeGreaterThan(1000);
+    expect(entra.issued.size).toBeGreaterThan(5);
+    for (const token of entra.issued.keys()) expect(output).not.toContain(token);
+    expect(entra.assertions.length).toBeGreaterThan(5);
+    for (const assertion of entra.assertions) expect(output).not.toContain(assertion.split(".")[2]!);
+    const keyLines = appCertificate.privateKeyPem.split("\n").filter((line) => line.length > 40);
+    for (const line of keyLines) expect(output).not.toContain(line);
+    expect(output).not.toContain(PASSWORD);
+    expect(output).not.toContain("Bearer fake-at-");
+  });
+});

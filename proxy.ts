@@ -1,0 +1,925 @@
+/**
+ * auth-proxy: a sidecar that holds an Entra ID (Azure AD) access token, got
+ * with the client-credentials flow and a certificate, and forwards every
+ * request to API_BASE_URL with `Authorization: Bearer <token>`, streaming
+ * both ways and changing nothing else. The external contract is
+ * shared/CONTRACT.md; the README explains it to users.
+ *
+ * The file reads as the journey: configuration -> credential -> token
+ * manager -> forwarding -> server and lifecycle -> main.
+ */
+import arg from "arg";
+import { createPrivateKey, createPublicKey, X509Certificate, type KeyObject } from "node:crypto";
+import { readFileSync } from "node:fs";
+import type { AuthenticationResult, INetworkModule, NetworkResponse } from "@azure/msal-node";
+import packageJson from "./package.json" with { type: "json" };
+
+/** Set by `make build` (bun build --define); absent under `bun proxy.ts`. */
+declare const AUTH_PROXY_COMMIT: string | undefined;
+export const VERSION =
+  packageJson.version + (typeof AUTH_PROXY_COMMIT === "string" && AUTH_PROXY_COMMIT ? `+${AUTH_PROXY_COMMIT}` : "");
+
+// ---------------------------------------------------------------- logging
+
+export type LogLevel = "debug" | "info" | "warn" | "error";
+const LOG_LEVEL_RANK: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40 };
+let logThreshold = LOG_LEVEL_RANK.info;
+
+/** One JSON object per line on stdout, so any log shipper can parse it. Never pass a secret in `fields`. */
+export function log(level: LogLevel, msg: string, fields?: Record<string, unknown>): void {
+  if (LOG_LEVEL_RANK[level] < logThreshold) return;
+  process.stdout.write(JSON.stringify({ time: new Date().toISOString(), level, msg, ...fields }) + "\n");
+}
+
+function errorMessage(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+// ---------------------------------------------------------------- configuration
+
+export interface Config {
+  clientId: string;
+  tenantId: string;
+  certificatePath: string;
+  /** Names the variable or flag the path came from, for error messages. */
+  certificatePathSource: string;
+  certificatePassword: string | undefined;
+  /** Send the chain as x5c, for subject-name/issuer (SNI) authentication. */
+  sendCertificateChain: boolean;
+  /** API_BASE_URL without its trailing slash; the request's raw path is appended to it. */
+  apiBaseUrl: string;
+  upstreamOrigin: string;
+  host: string;
+  port: number;
+  scope: string;
+  /** Without trailing slash, e.g. https://login.microsoftonline.com. */
+  authorityHost: string;
+  logLevel: LogLevel;
+  shutdownTimeoutMs: number;
+}
+
+/** Every setting: its variable, the flag that overrides it, an alias variable, and its default. */
+const SETTINGS = {
+  clientId: { env: "AZURE_CLIENT_ID", flag: "--client-id" },
+  tenantId: { env: "AZURE_TENANT_ID", flag: "--tenant-id" },
+  certificatePath: { env: "AZURE_CERTIFICATE_PATH", alias: "AZURE_CLIENT_CERTIFICATE_PATH", flag: "--certificate-path" },
+  apiBaseUrl: { env: "API_BASE_URL", flag: "--api-base-url" },
+  host: { env: "HOST", flag: "--host", fallback: "0.0.0.0" },
+  port: { env: "PORT", flag: "--port", fallback: "8080" },
+  scope: { env: "AZURE_SCOPE", flag: "--scope", fallback: "https://cognitiveservices.azure.com/.default" },
+  authorityHost: { env: "AZURE_AUTHORITY_HOST", flag: "--authority-host", fallback: "https://login.microsoftonline.com" },
+  logLevel: { env: "LOG_LEVEL", flag: "--log-level", fallback: "info" },
+  certificatePassword: { env: "AZURE_CERTIFICATE_PASSWORD", alias: "AZURE_CLIENT_CERTIFICATE_PASSWORD" },
+  sendCertificateChain: { env: "AZURE_CLIENT_SEND_CERTIFICATE_CHAIN", fallback: "false" },
+  shutdownTimeout: { env: "SHUTDOWN_TIMEOUT", fallback: "25" },
+} as const satisfies Record<string, { env: string; alias?: string; flag?: string; fallback?: string }>;
+
+type SettingName = keyof typeof SETTINGS;
+const REQUIRED_SETTINGS: SettingName[] = ["clientId", "tenantId", "certificatePath", "apiBaseUrl"];
+export type Flags = { [flag: string]: string | boolean | string[] | undefined };
+type Environment = Record<string, string | undefined>;
+
+interface RawSetting {
+  value: string | undefined;
+  /** `AZURE_CLIENT_ID` or `--client-id`: what to name in an error. */
+  source: string;
+}
+
+function readSetting(name: SettingName, env: Environment, flags: Flags): RawSetting {
+  const setting: { env: string; alias?: string; flag?: string; fallback?: string } = SETTINGS[name];
+  const fromFlag = setting.flag === undefined ? undefined : flags[setting.flag];
+  if (typeof fromFlag === "string") return { value: fromFlag.trim(), source: setting.flag! };
+  for (const variable of [setting.env, setting.alias]) {
+    const value = variable === undefined ? undefined : env[variable]?.trim();
+    if (value) return { value, source: variable! };
+  }
+  return { value: setting.fallback, source: setting.env };
+}
+
+const GUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+const TENANT_DOMAIN = /^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$/i;
+const BOOLEAN_WORDS: Record<string, boolean> = { true: true, "1": true, yes: true, false: false, "0": false, no: false };
+
+function parseHttpUrl(raw: RawSetting, errors: string[], httpsOnly: boolean): URL | undefined {
+  let url: URL;
+  try {
+    url = new URL(raw.value!);
+  } catch {
+    errors.push(`${raw.source}=${raw.value} is not a URL (expected e.g. https://my-resource.openai.azure.com)`);
+    return undefined;
+  }
+  const schemes = httpsOnly ? ["https:"] : ["https:", "http:"];
+  if (!schemes.includes(url.protocol)) {
+    errors.push(`${raw.source}=${raw.value} must start with ${httpsOnly ? "https://" : "https:// or http://"}`);
+  } else if (url.username || url.password) {
+    errors.push(`${raw.source} must not carry credentials in the URL`);
+  } else if (url.search || url.hash) {
+    errors.push(`${raw.source}=${raw.value} must not have a query or fragment (the client's query is forwarded as sent)`);
+  } else {
+    return url;
+  }
+  return undefined;
+}
+
+/**
+ * Reads the configuration from flags (which win) and the environment, and
+ * reports every fault at once: a user fixing a manifest should not have to
+ * restart once per missing variable.
+ */
+export function loadConfig(env: Environment, flags: Flags = {}): { config?: Config; errors: string[] } {
+  const raw = Object.fromEntries(
+    (Object.keys(SETTINGS) as SettingName[]).map((name) => [name, readSetting(name, env, flags)]),
+  ) as Record<SettingName, RawSetting>;
+  const errors: string[] = [];
+
+  const missing = REQUIRED_SETTINGS.filter((name) => !raw[name].value).map((name) => SETTINGS[name].env);
+  if (missing.length > 0) errors.push(`Missing required Azure AD configuration: ${missing.join(", ")}`);
+
+  const { clientId, tenantId } = raw;
+  if (clientId.value && !GUID.test(clientId.value)) {
+    errors.push(`${clientId.source}=${clientId.value} is not an application (client) ID; expected a GUID like 00000000-0000-0000-0000-000000000000`);
+  }
+  if (tenantId.value) {
+    if (["common", "organizations", "consumers"].includes(tenantId.value.toLowerCase())) {
+      errors.push(`${tenantId.source}=${tenantId.value} cannot be used with client credentials; set your tenant's ID (a GUID) or domain`);
+    } else if (!GUID.test(tenantId.value) && !TENANT_DOMAIN.test(tenantId.value)) {
+      errors.push(`${tenantId.source}=${tenantId.value} is not a tenant ID (a GUID) or tenant domain (contoso.onmicrosoft.com)`);
+    }
+  }
+
+  const apiBase = raw.apiBaseUrl.value ? parseHttpUrl(raw.apiBaseUrl, errors, false) : undefined;
+  const authority = parseHttpUrl(raw.authorityHost, errors, true);
+  if (authority && authority.pathname !== "/") {
+    errors.push(`${raw.authorityHost.source}=${raw.authorityHost.value} must be a host only, e.g. https://login.microsoftonline.us (the tenant is added from AZURE_TENANT_ID)`);
+  }
+
+  const port = Number(raw.port.value);
+  if (!/^\d+$/.test(raw.port.value!) || port > 65535) {
+    errors.push(`${raw.port.source}=${raw.port.value} is not a TCP port (0-65535)`);
+  }
+  if (!raw.host.value) errors.push(`${raw.host.source} is empty`);
+
+  if (!raw.scope.value!.endsWith("/.default") || /\s/.test(raw.scope.value!)) {
+    errors.push(`${raw.scope.source}=${raw.scope.value} must be one resource's /.default scope (client credentials cannot ask for individual permissions), e.g. https://cognitiveservices.azure.com/.default`);
+  }
+
+  const logLevel = raw.logLevel.value!.toLowerCase();
+  if (!(logLevel in LOG_LEVEL_RANK)) errors.push(`${raw.logLevel.source}=${raw.logLevel.value} must be one of debug, info, warn, error`);
+
+  const sendChain = BOOLEAN_WORDS[raw.sendCertificateChain.value!.toLowerCase()];
+  if (sendChain === undefined) errors.push(`${raw.sendCertificateChain.source}=${raw.sendCertificateChain.value} must be true or false`);
+
+  const shutdownTimeout = Number(raw.shutdownTimeout.value);
+  if (!Number.isFinite(shutdownTimeout) || shutdownTimeout < 0) {
+    errors.push(`${raw.shutdownTimeout.source}=${raw.shutdownTimeout.value} must be a number of seconds, 0 or more`);
+  }
+
+  if (errors.length > 0) return { errors };
+  return {
+    errors,
+    config: {
+      clientId: clientId.value!,
+      tenantId: tenantId.value!,
+      certificatePath: raw.certificatePath.value!,
+      certificatePathSource: raw.certificatePath.source,
+      certificatePassword: raw.certificatePassword.value,
+      sendCertificateChain: sendChain!,
+      apiBaseUrl: apiBase!.origin + apiBase!.pathname.replace(/\/+$/, ""),
+      upstreamOrigin: apiBase!.origin,
+      host: raw.host.value!,
+      port,
+      scope: raw.scope.value!,
+      authorityHost: authority!.origin,
+      logLevel: logLevel as LogLevel,
+      shutdownTimeoutMs: shutdownTimeout * 1000,
+    },
+  };
+}
+
+// ---------------------------------------------------------------- credential
+
+export interface Credential {
+  /** PKCS#8 PEM, decrypted: what MSAL signs the client assertion with. */
+  privateKeyPem: string;
+  /** Hex SHA-256 of the leaf certificate's DER: the `x5t#S256` Entra matches against the uploaded certificate. */
+  thumbprintSha256: string;
+  /** Leaf first, then the chain, as PEM: sent as x5c when AZURE_CLIENT_SEND_CERTIFICATE_CHAIN is on. */
+  certificateChainPem: string;
+  subject: string;
+  notAfter: Date;
+}
+
+/** A fault in the certificate file, phrased for the person who must fix it. */
+export class CredentialError extends Error {}
+
+const PEM_BLOCK = /-----BEGIN ([A-Z0-9 ]+)-----[\s\S]*?-----END \1-----/g;
+
+function spki(key: KeyObject): string {
+  return key.export({ type: "spki", format: "der" }).toString("base64");
+}
+
+/**
+ * Parses a PEM holding the certificate (optionally followed by its chain)
+ * and its private key, in any order. The key may be PKCS#8, PKCS#1 or
+ * encrypted PKCS#8 (then `password` decrypts it).
+ */
+export function parseCredential(pem: string, password: string | undefined, file: string): Credential {
+  const certificates: X509Certificate[] = [];
+  const keyBlocks: { label: string; text: string }[] = [];
+  for (const [text, label = ""] of pem.matchAll(PEM_BLOCK)) {
+    if (label === "CERTIFICATE") {
+      try {
+        certificates.push(new X509Certificate(text));
+      } catch (error) {
+        throw new CredentialError(`${file} holds a certificate block that cannot be parsed (${errorMessage(error)})`);
+      }
+    } else if (label.endsWith("PRIVATE KEY")) {
+      keyBlocks.push({ label, text });
+    }
+  }
+  if (certificates.length === 0) {
+    throw new CredentialError(`${file} holds no certificate (expected a -----BEGIN CERTIFICATE----- block)`);
+  }
+  if (keyBlocks.length === 0) {
+    throw new CredentialError(`${file} holds no private key (expected -----BEGIN PRIVATE KEY-----, RSA PRIVATE KEY or ENCRYPTED PRIVATE KEY)`);
+  }
+  if (keyBlocks.length > 1) throw new CredentialError(`${file} holds ${keyBlocks.length} private keys; keep only the certificate's own`);
+
+  const { label, text } = keyBlocks[0]!;
+  const encrypted = label === "ENCRYPTED PRIVATE KEY" || /Proc-Type: 4,ENCRYPTED/.test(text);
+  if (encrypted && !password) {
+    throw new CredentialError(`${file} holds an encrypted private key; set AZURE_CERTIFICATE_PASSWORD`);
+  }
+  let privateKey: KeyObject;
+  try {
+    privateKey = createPrivateKey(encrypted ? { key: text, format: "pem", passphrase: password } : { key: text, format: "pem" });
+  } catch (error) {
+    throw new CredentialError(
+      encrypted
+        ? `AZURE_CERTIFICATE_PASSWORD does not decrypt the private key in ${file}`
+        : `${file} holds a private key that cannot be parsed (${errorMessage(error)})`,
+    );
+  }
+  // Entra ID signs in apps only with RSA certificates (PS256/RS256 assertions).
+  if (privateKey.asymmetricKeyType !== "rsa") {
+    throw new CredentialError(`${file} holds a ${privateKey.asymmetricKeyType?.toUpperCase()} key; Entra ID accepts only RSA certificates`);
+  }
+
+  const publicKey = spki(createPublicKey(privateKey));
+  const leaf = certificates.find((certificate) => spki(certificate.publicKey) === publicKey);
+  if (!leaf) {
+    const [first] = certificates;
+    throw new CredentialError(
+      `the private key in ${file} does not belong to its certificate (${first!.subject.replace(/\n/g, ", ")}, SHA-256 ${first!.fingerprint256.replace(/:/g, "")})`,
+    );
+  }
+  const chain = [leaf, ...certificates.filter((certificate) => certificate !== leaf)];
+  return {
+    privateKeyPem: privateKey.export({ type: "pkcs8", format: "pem" }).toString(),
+    thumbprintSha256: leaf.fingerprint256.replace(/:/g, ""),
+    certificateChainPem: chain.map((certificate) => certificate.toString()).join(""),
+    subject: leaf.subject.replace(/\n/g, ", "),
+    notAfter: new Date(leaf.validTo),
+  };
+}
+
+/** Reads the file afresh each time: Kubernetes rotates a mounted Secret by swapping a symlink. */
+export function readCredential(config: Pick<Config, "certificatePath" | "certificatePathSource" | "certificatePassword">): Credential {
+  const file = `${config.certificatePathSource}=${config.certificatePath}`;
+  let pem: string;
+  try {
+    pem = readFileSync(config.certificatePath, "utf8");
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    const reason = code === "ENOENT" ? "no such file" : code === "EACCES" ? "permission denied" : code === "EISDIR" ? "is a directory" : errorMessage(error);
+    throw new CredentialError(`${file} cannot be read (${reason})`);
+  }
+  return parseCredential(pem, config.certificatePassword, file);
+}
+
+// ---------------------------------------------------------------- token manager
+
+/** What the hot path reads: plain data, replaced whole when a new token arrives. */
+export interface HeldToken {
+  /** `Bearer <token>`, built once per token rather than once per request. */
+  authorization: string;
+  expiresOnMs: number;
+  /** Entra's `refresh_in`, when it sent one. */
+  refreshOnMs: number | undefined;
+  obtainedAtMs: number;
+}
+
+const SECOND = 1000;
+const MINUTE = 60 * SECOND;
+
+/**
+ * When to refresh, in ms from `obtainedAtMs`: at expiry minus 5 minutes, or
+ * earlier when Entra says so with `refresh_in`; a token living under 10
+ * minutes (Entra issues 60-90 min ones; tests and some policies issue less)
+ * is refreshed at half its life so it never expires in use.
+ */
+export function refreshDelay(token: Pick<HeldToken, "expiresOnMs" | "refreshOnMs" | "obtainedAtMs">): number {
+  const lifetime = token.expiresOnMs - token.obtainedAtMs;
+  let refreshAt = lifetime < 10 * MINUTE ? token.obtainedAtMs + lifetime / 2 : token.expiresOnMs - 5 * MINUTE;
+  if (token.refreshOnMs !== undefined && token.refreshOnMs < refreshAt) refreshAt = token.refreshOnMs;
+  return Math.max(0, refreshAt - token.obtainedAtMs);
+}
+
+/** Exponential backoff, 1 s doubling to 60 s, with equal jitter so a fleet of sidecars does not retry in step. */
+export function backoffDelay(failures: number, random: number): number {
+  const ceiling = Math.min(60 * SECOND, SECOND * 2 ** Math.max(0, failures - 1));
+  return ceiling / 2 + (random * ceiling) / 2;
+}
+
+/** The part of an MSAL or network error a user can act on: the AADSTS code and its first sentence. */
+export function describeTokenError(error: unknown): { message: string; aadsts: string | undefined } {
+  const details = error as { errorMessage?: string; errorCode?: string; message?: string };
+  const text = details?.errorMessage || details?.message || String(error);
+  const [firstLine] = text.split(/\r?\n/);
+  const message = (firstLine || details?.errorCode || "unknown error").replace(/\s*Trace ID:.*$/, "").trim();
+  return { message, aadsts: /AADSTS\d+/.exec(text)?.[0] };
+}
+
+/** Entra ID answers within a second or two; a token POST that hangs must not stall the refresh loop. */
+const TOKEN_REQUEST_TIMEOUT_MS = 10 * SECOND;
+
+/**
+ * MSAL's own client sets no timeout on the token POST (msal-js#6527); this
+ * one does, and uses fetch so token traffic follows the same
+ * HTTPS_PROXY/NO_PROXY and NODE_EXTRA_CA_CERTS as the forwarded traffic.
+ */
+const tokenNetworkClient: INetworkModule = {
+  sendGetRequestAsync: (url, options, timeout) => sendTokenRequest("GET", url, options, timeout),
+  sendPostRequestAsync: (url, options) => sendTokenRequest("POST", url, options),
+};
+
+async function sendTokenRequest<T>(
+  method: string,
+  url: string,
+  options: { headers?: Record<string, string>; body?: string } | undefined,
+  timeoutMs = TOKEN_REQUEST_TIMEOUT_MS,
+): Promise<NetworkResponse<T>> {
+  let response: Response;
+  try {
+    response = await fetch(url, {
+      method,
+      headers: options?.headers,
+      body: method === "POST" ? (options?.body ?? "") : undefined,
+      signal: AbortSignal.timeout(timeoutMs),
+    });
+  } catch (error) {
+    const reason = (error as Error).name === "TimeoutError" ? `no answer within ${timeoutMs / SECOND} s` : errorMessage(error);
+    throw await networkError(`token request to ${new URL(url).origin} failed: ${reason}`);
+  }
+  const text = await response.text();
+  try {
+    return { status: response.status, headers: Object.fromEntries(response.headers), body: JSON.parse(text) as T };
+  } catch {
+    throw await networkError(`token endpoint ${new URL(url).origin} answered HTTP ${response.status} with a body that is not JSON`);
+  }
+}
+
+/** MSAL passes its own AuthError through unchanged but replaces any other with a bare "network_error". */
+async function networkError(message: string): Promise<Error> {
+  const { AuthError } = await loadMsal();
+  return new AuthError("network_error", message);
+}
+
+type Msal = typeof import("@azure/msal-node");
+let msalModule: Promise<Msal> | undefined;
+
+/** MSAL is loaded on first use, after the listener is up, so `/live` answers sooner. */
+function loadMsal(): Promise<Msal> {
+  return (msalModule ??= import("@azure/msal-node"));
+}
+
+/** The token endpoint Entra ID publishes for every cloud, so no discovery round-trip is needed. */
+export function tokenEndpoint(config: Pick<Config, "authorityHost" | "tenantId">): string {
+  return `${config.authorityHost}/${config.tenantId}/oauth2/v2.0/token`;
+}
+
+/** One client-credentials token from Entra ID, never from a cache: every call is a real refresh. */
+export async function requestToken(config: Config, credential: Credential): Promise<HeldToken> {
+  const msal = await loadMsal();
+  const authority = `${config.authorityHost}/${config.tenantId}`;
+  const application = new msal.ConfidentialClientApplication({
+    auth: {
+      clientId: config.clientId,
+      authority,
+      // A non-default host (sovereign cloud, test fake) is trusted as given.
+      knownAuthorities: [new URL(config.authorityHost).host],
+      authorityMetadata: JSON.stringify({
+        token_endpoint: tokenEndpoint(config),
+        authorization_endpoint: `${authority}/oauth2/v2.0/authorize`,
+        issuer: `${authority}/v2.0`,
+        jwks_uri: `${authority}/discovery/v2.0/keys`,
+      }),
+      clientCertificate: {
+        thumbprintSha256: credential.thumbprintSha256,
+        privateKey: credential.privateKeyPem,
+        x5c: config.sendCertificateChain ? credential.certificateChainPem : undefined,
+      },
+    },
+    system: {
+      networkClient: tokenNetworkClient,
+      loggerOptions: { piiLoggingEnabled: false, logLevel: 0 /* Error */, loggerCallback: () => {} },
+    },
+  });
+  const obtainedAtMs = Date.now();
+  const result: AuthenticationResult | null = await application.acquireTokenByClientCredential({
+    scopes: [config.scope],
+    skipCache: true,
+  });
+  if (!result?.accessToken || !result.expiresOn) throw new Error("Entra ID answered without an access token");
+  return {
+    authorization: `Bearer ${result.accessToken}`,
+    expiresOnMs: result.expiresOn.getTime(),
+    refreshOnMs: result.refreshOn?.getTime(),
+    obtainedAtMs,
+  };
+}
+
+/** Upstream 401s arrive in bursts; one refresh per burst is enough. */
+const UNAUTHORIZED_REFRESH_INTERVAL_MS = 5 * SECOND;
+
+/**
+ * Holds the current token as plain state for the hot path and keeps it fresh:
+ * one acquisition at a time, proactive refresh, backoff on failure, and a
+ * loop that never stops while the process runs.
+ */
+export class TokenManager {
+  /** Read on every request; never a promise. */
+  current: HeldToken | undefined;
+  private lastFailure = "the first token has not been acquired yet";
+  private failures = 0;
+  private nextAttemptAtMs = 0;
+  private inFlight: Promise<void> | undefined;
+  private timer: ReturnType<typeof setTimeout> | undefined;
+  private lastUnauthorizedRefreshMs = -Infinity;
+  private stopped = false;
+
+  constructor(
+    private readonly config: Config,
+    private credential: Credential,
+  ) {}
+
+  start(): void {
+    void this.refresh("startup");
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+  }
+
+  /** The token to send, or undefined when none is valid now. */
+  usable(nowMs: number): HeldToken | undefined {
+    const token = this.current;
+    return token !== undefined && nowMs < token.expiresOnMs ? token : undefined;
+  }
+
+  /** Why no valid token is held, for /health and 503 bodies: never a secret. */
+  unavailableReason(): string {
+    const expired = this.current ? `the token expired at ${new Date(this.current.expiresOnMs).toISOString()}; ` : "";
+    return `${expired}${this.lastFailure}`;
+  }
+
+  /** Seconds until the next acquisition attempt, for Retry-After. */
+  retryAfterSeconds(nowMs: number): number {
+    return Math.max(1, Math.ceil((this.nextAttemptAtMs - nowMs) / SECOND));
+  }
+
+  /** The upstream rejected a token: it may have been revoked or its roles changed, so get a new one now. */
+  refreshAfterUnauthorized(): void {
+    const now = Date.now();
+    if (now - this.lastUnauthorizedRefreshMs < UNAUTHORIZED_REFRESH_INTERVAL_MS) return;
+    this.lastUnauthorizedRefreshMs = now;
+    void this.refresh("upstream answered 401");
+  }
+
+  /** Single-flight: callers during an acquisition share it. */
+  refresh(trigger: string): Promise<void> {
+    if (this.stopped) return Promise.resolve();
+    this.inFlight ??= this.acquire(trigger).finally(() => (this.inFlight = undefined));
+    return this.inFlight;
+  }
+
+  private async acquire(trigger: string): Promise<void> {
+    clearTimeout(this.timer);
+    this.reloadCredential();
+    try {
+      const token = await requestToken(this.config, this.credential);
+      this.current = token;
+      this.failures = 0;
+      this.lastFailure = "";
+      const delay = refreshDelay(token);
+      this.schedule(delay);
+      log("info", "token acquired", {
+        trigger,
+        expires_on: new Date(token.expiresOnMs).toISOString(),
+        refresh_at: new Date(token.obtainedAtMs + delay).toISOString(),
+        certificate_thumbprint: this.credential.thumbprintSha256,
+      });
+    } catch (error) {
+      this.failures += 1;
+      const delay = backoffDelay(this.failures, Math.random());
+      const { message, aadsts } = describeTokenError(error);
+      this.lastFailure = `token acquisition failed: ${message}`;
+      this.schedule(delay);
+      const tokenStillValid = this.usable(Date.now()) !== undefined;
+      log(tokenStillValid ? "warn" : "error", "token acquisition failed", {
+        trigger,
+        aadsts,
+        error: message,
+        attempt: this.failures,
+        retry_in_s: Math.round(delay / 100) / 10,
+        serving: tokenStillValid ? "current token still valid" : "no valid token: requests get 503",
+      });
+    }
+  }
+
+  /** A rotated file is used at once; a broken one is reported and the last good credential kept. */
+  private reloadCredential(): void {
+    try {
+      const fresh = readCredential(this.config);
+      if (fresh.thumbprintSha256 !== this.credential.thumbprintSha256) {
+        log("info", "certificate changed", { certificate_thumbprint: fresh.thumbprintSha256, not_after: fresh.notAfter.toISOString() });
+      }
+      this.credential = fresh;
+    } catch (error) {
+      log("error", "certificate file unusable; keeping the last good certificate", {
+        error: errorMessage(error),
+        certificate_thumbprint: this.credential.thumbprintSha256,
+      });
+    }
+  }
+
+  private schedule(delayMs: number): void {
+    if (this.stopped) return;
+    this.nextAttemptAtMs = Date.now() + delayMs;
+    this.timer = setTimeout(() => void this.refresh("scheduled"), delayMs);
+  }
+}
+
+// ---------------------------------------------------------------- forwarding
+
+/**
+ * Hop-by-hop headers (RFC 9110 section 7.6.1, formerly RFC 7230 section
+ * 6.1): they describe one connection, so a proxy removes them both ways,
+ * along with any header the Connection header names. Proxy-Connection is
+ * the pre-standard spelling some clients still send; Proxy-Authenticate is
+ * hop-by-hop per RFC 9110 section 11.7.1, as in Go's ReverseProxy.
+ */
+const HOP_BY_HOP_HEADERS = [
+  "connection",
+  "keep-alive",
+  "proxy-authenticate",
+  "proxy-authorization",
+  "proxy-connection",
+  "te",
+  "trailer",
+  "transfer-encoding",
+  "upgrade",
+];
+
+export function removeHopByHopHeaders(headers: Headers): void {
+  const connection = headers.get("connection");
+  if (connection !== null) {
+    for (const name of connection.split(",")) {
+      const trimmed = name.trim();
+      if (trimmed) headers.delete(trimmed);
+    }
+  }
+  for (const name of HOP_BY_HOP_HEADERS) headers.delete(name);
+}
+
+/**
+ * The request's raw path and query as Bun received them. Bun builds
+ * `req.url` from the Host header when it is valid and leaves it relative
+ * when it is not; an absolute-form target (`GET http://other/x`) arrives
+ * already reduced to its path. Taking only the path, and appending it to
+ * API_BASE_URL by concatenation rather than `new URL(path, base)` (which
+ * resolves `//host/x` to another host), keeps every request on API_BASE_URL's
+ * origin.
+ */
+export function requestTarget(url: string): string {
+  if (url.charCodeAt(0) === 47 /* "/" */) return url;
+  const pathStart = url.indexOf("/", url.indexOf("://") + 3);
+  return pathStart === -1 ? "/" : url.slice(pathStart);
+}
+
+/** The upstream request's headers, edited in place: the request's own object is not used again. */
+export function rewriteRequestHeaders(headers: Headers, authorization: string): void {
+  removeHopByHopHeaders(headers);
+  headers.delete("host"); // fetch sets the upstream's
+  headers.delete("api-key"); // the app's placeholder key must not reach Azure
+  headers.set("authorization", authorization);
+}
+
+/** Every error the proxy itself answers with is shaped like OpenAI's, so SDKs surface the message. */
+export function proxyError(status: number, code: string, message: string, headers: Record<string, string> = {}): Response {
+  return Response.json({ error: { message, type: "auth_proxy_error", code } }, { status, headers });
+}
+
+/** Bun.serve and fetch settings for one forwarded request: the whole hot path. */
+async function forward(req: Request, target: string, authorization: string, upstream: Upstream): Promise<Response> {
+  const startedAt = performance.now();
+  rewriteRequestHeaders(req.headers, authorization);
+  let response: Response;
+  try {
+    response = await fetch(upstream.apiBaseUrl + target, {
+      method: req.method,
+      headers: req.headers,
+      body: req.body,
+      // A disconnected client aborts the upstream request (oven-sh/bun#25919).
+      signal: req.signal,
+      // Redirects go back to the client: following one would send the token to another origin.
+      redirect: "manual",
+      // fetch would decode gzip/br but keep Content-Encoding (oven-sh/bun#35546); pass the bytes as sent.
+      decompress: false,
+      // fetch's own idle timer has cut requests silent for 300 s (oven-sh/bun#6217); reasoning models can be.
+      timeout: false,
+    });
+  } catch (error) {
+    if (req.signal.aborted) {
+      accessLog(req.method, target, 499, startedAt);
+      return new Response(null, { status: 499 });
+    }
+    const reason = errorMessage(error);
+    log("warn", "upstream unreachable", { upstream: upstream.origin, error: reason });
+    accessLog(req.method, target, 502, startedAt);
+    return proxyError(502, "upstream_unreachable", `auth-proxy could not reach ${upstream.origin}: ${reason}`);
+  }
+  if (response.status === 401) upstream.tokens.refreshAfterUnauthorized();
+  removeHopByHopHeaders(response.headers);
+  accessLog(req.method, target, response.status, startedAt);
+  return response;
+}
+
+interface Upstream {
+  apiBaseUrl: string;
+  origin: string;
+  tokens: TokenManager;
+}
+
+let accessLogEnabled = true;
+
+/** The path without its query: queries can carry data the operator did not mean to log. */
+function accessLog(method: string, target: string, status: number, startedAt: number): void {
+  if (!accessLogEnabled) return;
+  const queryStart = target.indexOf("?");
+  log("info", "request", {
+    method,
+    path: queryStart === -1 ? target : target.slice(0, queryStart),
+    status,
+    // Time to the upstream's response headers; a stream goes on after this.
+    duration_ms: Math.round((performance.now() - startedAt) * 100) / 100,
+  });
+}
+
+// ---------------------------------------------------------------- server and lifecycle
+
+/**
+ * Bun.serve closes a connection silent for 10 s by default, mid-stream too
+ * (oven-sh/bun#13392). Forwarded requests lift it per request; this value
+ * only reaps idle keep-alive connections, and is longer than client pools
+ * keep theirs (httpx 5 s, Node agents 4-15 s) so a client never reuses a
+ * socket the proxy is closing.
+ */
+const KEEP_ALIVE_IDLE_SECONDS = 75;
+const JSON_HEADERS = { "content-type": "application/json" };
+
+export interface RunningProxy {
+  server: ReturnType<typeof Bun.serve>;
+  tokens: TokenManager;
+  shutdown(signal: string): Promise<void>;
+}
+
+export function startProxy(config: Config, credential: Credential): RunningProxy {
+  const tokens = new TokenManager(config, credential);
+  const upstream: Upstream = { apiBaseUrl: config.apiBaseUrl, origin: config.upstreamOrigin, tokens };
+  let draining = false;
+
+  function health(method: string): Response {
+    const now = Date.now();
+    const reason = draining ? "shutting down" : tokens.usable(now) ? undefined : tokens.unavailableReason();
+    const body = reason === undefined ? '{"status":"ok"}' : JSON.stringify({ status: "unavailable", reason });
+    return new Response(method === "HEAD" ? null : body, { status: reason === undefined ? 200 : 503, headers: JSON_HEADERS });
+  }
+
+  function live(method: string): Response {
+    return new Response(method === "HEAD" ? null : '{"status":"ok"}', { headers: JSON_HEADERS });
+  }
+
+  const server = Bun.serve({
+    hostname: config.host,
+    port: config.port,
+    idleTimeout: KEEP_ALIVE_IDLE_SECONDS,
+    // Bun refuses bodies over 128 MB by default; the upstream decides what it accepts.
+    maxRequestBodySize: Number.MAX_SAFE_INTEGER,
+    development: false,
+    fetch(req, server) {
+      const target = requestTarget(req.url);
+      if (target.length <= 8 && (req.method === "GET" || req.method === "HEAD")) {
+        if (target === "/health") return health(req.method);
+        if (target === "/live") return live(req.method);
+      }
+      if (draining) {
+        return proxyError(503, "shutting_down", "auth-proxy is shutting down", { connection: "close", "retry-after": "1" });
+      }
+      const token = tokens.usable(Date.now());
+      if (token === undefined) {
+        const now = Date.now();
+        accessLog(req.method, target, 503, performance.now());
+        return proxyError(503, "token_unavailable", `auth-proxy holds no valid Azure AD token: ${tokens.unavailableReason()}`, {
+          "retry-after": String(tokens.retryAfterSeconds(now)),
+        });
+      }
+      server.timeout(req, 0);
+      return forward(req, target, token.authorization, upstream);
+    },
+    error(error) {
+      log("error", "request failed inside the proxy", { error: errorMessage(error) });
+      return proxyError(500, "internal_error", "auth-proxy failed to handle the request");
+    },
+  });
+
+  async function shutdown(signal: string): Promise<void> {
+    if (draining) return;
+    draining = true;
+    log("info", "shutting down", { signal, shutdown_timeout_s: config.shutdownTimeoutMs / SECOND });
+    tokens.stop();
+    // server.stop() waits for in-flight requests but has hung on idle
+    // keep-alive sockets (oven-sh/bun#37074): race it against the deadline.
+    const drained = server.stop(false).then(() => true);
+    const deadline = new Promise<false>((resolve) => setTimeout(resolve, config.shutdownTimeoutMs, false));
+    const clean = await Promise.race([drained, deadline]);
+    if (!clean) {
+      log("warn", "shutdown timeout reached; closing open requests", { pending_requests: server.pendingRequests });
+      await server.stop(true);
+    }
+    log("info", "stopped");
+  }
+
+  tokens.start();
+  return { server, tokens, shutdown };
+}
+
+// ---------------------------------------------------------------- main
+
+const HELP = `auth-proxy ${VERSION}
+Forwards requests to Azure OpenAI (or any Entra ID protected API) with an
+Entra ID access token obtained with a client certificate.
+
+Usage: auth-proxy [flags]          (development: bun proxy.ts [flags])
+
+Flags override the environment variables named beside them:
+  --client-id <id>          AZURE_CLIENT_ID          application (client) ID (required)
+  --tenant-id <id>          AZURE_TENANT_ID          tenant ID or domain (required)
+  --certificate-path <file> AZURE_CERTIFICATE_PATH   PEM with certificate and private key (required)
+  --api-base-url <url>      API_BASE_URL             upstream, e.g. https://x.openai.azure.com (required)
+  --host <addr>             HOST                     listen address (0.0.0.0)
+  --port <n>                PORT                     listen port (8080)
+  --scope <scope>           AZURE_SCOPE              (https://cognitiveservices.azure.com/.default)
+  --authority-host <url>    AZURE_AUTHORITY_HOST     (https://login.microsoftonline.com)
+  --log-level <level>       LOG_LEVEL                debug, info, warn, error (info)
+  --check                   acquire one token, print a JSON summary, exit 0 (or 1 and why)
+  -h, --help                this text
+  -v, --version             the version
+
+Environment only:
+  AZURE_CERTIFICATE_PASSWORD           password of an encrypted private key
+  AZURE_CLIENT_SEND_CERTIFICATE_CHAIN  true sends x5c (subject name/issuer auth) (false)
+  SHUTDOWN_TIMEOUT                     seconds to let requests finish on SIGTERM (25)
+  NODE_EXTRA_CA_CERTS, HTTPS_PROXY, NO_PROXY  as usual
+
+Endpoints: /health (200 with a valid token, else 503), /live; everything else is forwarded.
+`;
+
+const FLAG_SPEC = {
+  "--client-id": String,
+  "--tenant-id": String,
+  "--certificate-path": String,
+  "--api-base-url": String,
+  "--host": String,
+  "--port": String,
+  "--scope": String,
+  "--authority-host": String,
+  "--log-level": String,
+  "--check": Boolean,
+  "--help": Boolean,
+  "--version": Boolean,
+  "-h": "--help",
+  "-v": "--version",
+};
+
+/**
+ * Bun's fetch runs at most 256 requests at once and queues the rest
+ * (oven-sh/bun#12214): the 257th concurrent stream would wait for another
+ * to end. BUN_CONFIG_MAX_HTTP_REQUESTS lifts it but is read only when the
+ * process starts, so when it is unset the proxy replaces itself (execve:
+ * same PID, same arguments, PID 1 stays PID 1) with it set.
+ */
+const FETCH_CONCURRENCY_LIMIT = "65535";
+
+function reexecWithFetchConcurrencyLimit(): void {
+  if (process.env.BUN_CONFIG_MAX_HTTP_REQUESTS || process.platform !== "linux") return;
+  try {
+    const { dlopen, FFIType, ptr } = require("bun:ffi") as typeof import("bun:ffi");
+    const cString = (text: string) => Buffer.from(`${text}\0`);
+    const pointerArray = (strings: Buffer[]) => {
+      const pointers = new BigUint64Array(strings.length + 1);
+      strings.forEach((text, index) => (pointers[index] = BigInt(ptr(text))));
+      return pointers;
+    };
+    const argv = readFileSync("/proc/self/cmdline", "utf8").split("\0").slice(0, -1).map(cString);
+    const env = Object.entries(process.env)
+      .map(([name, value]) => cString(`${name}=${value}`))
+      .concat(cString(`BUN_CONFIG_MAX_HTTP_REQUESTS=${FETCH_CONCURRENCY_LIMIT}`));
+    const executable = cString("/proc/self/exe");
+    const libc = dlopen("libc.so.6", { execve: { args: [FFIType.ptr, FFIType.ptr, FFIType.ptr], returns: FFIType.i32 } });
+    libc.symbols.execve(ptr(executable), ptr(pointerArray(argv)), ptr(pointerArray(env)));
+    // execve returns only on failure.
+  } catch {}
+  log("warn", "could not raise Bun's fetch concurrency limit; set BUN_CONFIG_MAX_HTTP_REQUESTS=65535 to allow over 256 concurrent upstream requests");
+}
+
+function fail(lines: string[], exitCode = 1): never {
+  for (const line of lines) process.stderr.write(`auth-proxy: ${line}\n`);
+  process.exit(exitCode);
+}
+
+async function check(config: Config, credential: Credential): Promise<never> {
+  try {
+    const token = await requestToken(config, credential);
+    const summary = {
+      status: "ok",
+      client_id: config.clientId,
+      tenant_id: config.tenantId,
+      scope: config.scope,
+      token_endpoint: tokenEndpoint(config),
+      certificate_thumbprint_sha256: credential.thumbprintSha256,
+      certificate_subject: credential.subject,
+      certificate_not_after: credential.notAfter.toISOString(),
+      token_expires_on: new Date(token.expiresOnMs).toISOString(),
+    };
+    process.stdout.write(JSON.stringify(summary, null, 2) + "\n");
+    process.exit(0);
+  } catch (error) {
+    const { message, aadsts } = describeTokenError(error);
+    fail([`--check failed: ${aadsts && !message.includes(aadsts) ? `${aadsts}: ` : ""}${message}`]);
+  }
+}
+
+export async function main(argv: string[]): Promise<void> {
+  let flags: Flags;
+  try {
+    flags = arg(FLAG_SPEC, { argv });
+  } catch (error) {
+    fail([`${errorMessage(error)} (see --help)`], 2);
+  }
+  if (flags["--help"]) return void process.stdout.write(HELP);
+  if (flags["--version"]) return void process.stdout.write(`${VERSION}\n`);
+
+  const { config, errors } = loadConfig(process.env, flags);
+  if (!config) fail(errors);
+  logThreshold = LOG_LEVEL_RANK[config.logLevel];
+  accessLogEnabled = logThreshold <= LOG_LEVEL_RANK.info;
+
+  let credential: Credential;
+  try {
+    credential = readCredential(config);
+  } catch (error) {
+    fail([errorMessage(error)]);
+  }
+  if (flags["--check"]) return check(config, credential);
+
+  reexecWithFetchConcurrencyLimit();
+  let proxy: RunningProxy;
+  try {
+    proxy = startProxy(config, credential);
+  } catch (error) {
+    fail([`cannot listen on ${config.host}:${config.port} (${(error as NodeJS.ErrnoException).code ?? errorMessage(error)})`]);
+  }
+  log("info", "auth-proxy started", {
+    version: VERSION,
+    listen: `${config.host}:${proxy.server.port}`,
+    upstream: config.upstreamOrigin,
+    client_id: config.clientId,
+    tenant_id: config.tenantId,
+    certificate_thumbprint: credential.thumbprintSha256,
+    certificate_not_after: credential.notAfter.toISOString(),
+  });
+  if (credential.notAfter.getTime() < Date.now()) {
+    log("error", "the certificate has expired; Entra ID will reject it", { not_after: credential.notAfter.toISOString() });
+  }
+  if (config.apiBaseUrl.startsWith("http:") && !/^http:\/\/(localhost|127\.|\[::1\])/.test(config.apiBaseUrl)) {
+    log("warn", "API_BASE_URL is plain http: the bearer token crosses the network unencrypted");
+  }
+
+  for (const signal of ["SIGTERM", "SIGINT"] as const) {
+    process.on(signal, () => void proxy.shutdown(signal).then(() => process.exit(0)));
+  }
+}
+
+if (import.meta.main) void main(process.argv.slice(2));

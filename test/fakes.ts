@@ -1,0 +1,425 @@
+/**
+ * Honest stand-ins for the two services auth-proxy talks to, served on
+ * loopback with the same shape as the real ones. Used by the tests, the
+ * demo and the benchmark; never by proxy.ts.
+ */
+import { constants, createHash, randomBytes, verify, X509Certificate } from "node:crypto";
+import http from "node:http";
+import type { AddressInfo } from "node:net";
+import { gzipSync } from "node:zlib";
+
+const b64url = (buffer: Buffer) => buffer.toString("base64url");
+const sha256Hex = (data: Buffer | string) => createHash("sha256").update(data).digest("hex");
+
+// ---------------------------------------------------------------- Entra ID
+
+export interface AppRegistration {
+  clientId: string;
+  /** Certificates uploaded to the app registration ("Certificates & secrets"). */
+  certificates: string[];
+  /** Subject-name/issuer trust: a leaf sent in x5c and signed by this CA is accepted. */
+  trustedIssuerPem?: string;
+}
+
+interface IssuedToken {
+  expiresAtMs: number;
+  clientId: string;
+}
+
+type Outage = { kind: "error"; status: number; error: string; code: number; description: string } | { kind: "hang" };
+
+/**
+ * A fake Entra ID token endpoint over HTTPS. It verifies the client
+ * assertion as Entra does (signature against the registered certificate
+ * found by `x5t#S256`, or an x5c chain for subject-name/issuer auth; `aud`
+ * is the token endpoint; `iss` = `sub` = client id; `exp`/`nbf`; unique
+ * `jti`), answers failures with AADSTS errors, and issues short-lived
+ * opaque tokens that the fake Azure OpenAI checks.
+ */
+export class FakeEntraId {
+  readonly tenantId = "11111111-2222-3333-4444-555555555555";
+  readonly apps = new Map<string, AppRegistration>();
+  readonly issued = new Map<string, IssuedToken>();
+  /** Every client assertion received, so tests can check none leaks. */
+  readonly assertions: string[] = [];
+  tokenLifetimeSeconds = 3600;
+  refreshInSeconds: number | undefined;
+  outage: Outage | undefined;
+  tokenRequests = 0;
+  private readonly seenJti = new Set<string>();
+  private readonly hanging = new Set<() => void>();
+  private server: ReturnType<typeof Bun.serve> | undefined;
+  private port = 0;
+
+  constructor(private readonly tls: { cert: string; key: string }) {}
+
+  start(): this {
+    this.server = Bun.serve({
+      hostname: "127.0.0.1",
+      port: this.port,
+      tls: this.tls,
+      idleTimeout: 0,
+      fetch: (req) => this.handle(req),
+    });
+    this.port = this.server.port!;
+    return this;
+  }
+
+  /** Stops listening: the proxy then meets connection refused, as in a network outage. */
+  stop(): void {
+    this.server?.stop(true);
+    this.server = undefined;
+  }
+
+  get authorityHost(): string {
+    return `https://127.0.0.1:${this.port}`;
+  }
+
+  get tokenEndpoint(): string {
+    return `${this.authorityHost}/${this.tenantId}/oauth2/v2.0/token`;
+  }
+
+  register(app: AppRegistration): void {
+    this.apps.set(app.clientId, app);
+  }
+
+  /** Ends every held request (from a "hang" outage) with a connection reset. */
+  releaseHanging(): void {
+    for (const release of this.hanging) release();
+    this.hanging.clear();
+  }
+
+  isValid(token: string): boolean {
+    const issued = this.issued.get(token);
+    return issued !== undefined && Date.now() < issued.expiresAtMs;
+  }
+
+  private aadError(status: number, error: string, code: number, description: string): Response {
+    return Response.json(
+      {
+        error,
+        error_description: `AADSTS${code}: ${description}\r\nTrace ID: ${crypto.randomUUID()}\r\nCorrelation ID: ${crypto.randomUUID()}\r\nTimestamp: ${new Date().toISOString()}`,
+        error_codes: [code],
+        timestamp: new Date().toISOString(),
+        trace_id: crypto.randomUUID(),
+        correlation_id: crypto.randomUUID(),
+      },
+      { status },
+    );
+  }
+
+  private async handle(req: Request): Promise<Response> {
+    const url = new URL(req.url);
+    if (url.pathname !== `/${this.tenantId}/oauth2/v2.0/token`) {
+      if (url.pathname.endsWith("/oauth2/v2.0/token")) {
+        return this.aadError(400, "invalid_request", 90002, `Tenant '${url.pathname.split("/")[1]}' not found.`);
+      }
+      return new Response("not found", { status: 404 });
+    }
+    this.tokenRequests += 1;
+    if (this.outage?.kind === "hang") {
+      return new Promise<Response>((resolve) => this.hanging.add(() => resolve(new Response("late", { status: 504 }))));
+    }
+    if (this.outage) return this.aadError(this.outage.status, this.outage.error, this.outage.code, this.outage.description);
+    if (req.method !== "POST") return this.aadError(405, "invalid_request", 900561, "The endpoint only accepts POST requests.");
+    const form = new URLSearchParams(await req.text());
+    return this.issue(form);
+  }
+
+  private issue(form: URLSearchParams): Response {
+    if (form.get("grant_type") !== "client_credentials") {
+      return this.aadError(400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type.");
+    }
+    const clientId = form.get("client_id") ?? "";
+    const app = this.apps.get(clientId);
+    if (!app) {
+      return this.aadError(400, "unauthorized_client", 700016, `Application with identifier '${clientId}' was not found in the directory '${this.tenantId}'.`);
+    }
+    const scope = form.get("scope") ?? "";
+    if (!scope.split(" ").some((s) => s.endsWith("/.default"))) {
+      return this.aadError(400, "invalid_scope", 1002012, `The provided value for scope ${scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.`);
+    }
+    if (form.get("client_assertion_type") !== "urn:ietf:params:oauth:client-assertion-type:jwt-bearer") {
+      return this.aadError(401, "invalid_client", 7000218, "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.");
+    }
+    const assertion = form.get("client_assertion") ?? "";
+    this.assertions.push(assertion);
+    const fault = this.verifyAssertion(assertion, app);
+    if (fault) return this.aadError(401, "invalid_client", fault.code, fault.description);
+
+    const token = `fake-at-${b64url(randomBytes(24))}`;
+    this.issued.set(token, { expiresAtMs: Date.now() + this.tokenLifetimeSeconds * 1000, clientId });
+    return Response.json({
+      token_type: "Bearer",
+      expires_in: this.tokenLifetimeSeconds,
+      ext_expires_in: this.tokenLifetimeSeconds,
+      ...(this.refreshInSeconds === undefined ? {} : { refresh_in: this.refreshInSeconds }),
+      access_token: token,
+    });
+  }
+
+  private verifyAssertion(assertion: string, app: AppRegistration): { code: number; description: string } | undefined {
+    const parts = assertion.split(".");
+    if (parts.length !== 3) return { code: 50027, description: "JWT token is invalid or malformed." };
+    const [headerPart, payloadPart, signaturePart] = parts as [string, string, string];
+    let header: Record<string, unknown>;
+    let claims: Record<string, unknown>;
+    try {
+      header = JSON.parse(Buffer.from(headerPart, "base64url").toString());
+      claims = JSON.parse(Buffer.from(payloadPart, "base64url").toString());
+    } catch {
+      return { code: 50027, description: "JWT token is invalid or malformed." };
+    }
+
+    const certificate = this.signingCertificate(header, app);
+    if (!certificate) {
+      return { code: 700027, description: `The certificate with identifier used to sign the client assertion is not registered on application. [Reason - The key was not found., Thumbprint of key used by client: '${String(header["x5t#S256"] ?? header.x5t)}']` };
+    }
+    const signed = Buffer.from(`${headerPart}.${payloadPart}`);
+    const signature = Buffer.from(signaturePart, "base64url");
+    const valid =
+      header.alg === "PS256"
+        ? verify("sha256", signed, { key: certificate.publicKey, padding: constants.RSA_PKCS1_PSS_PADDING, saltLength: 32 }, signature)
+        : header.alg === "RS256" && verify("sha256", signed, certificate.publicKey, signature);
+    if (!valid) return { code: 700027, description: "Client assertion failed signature validation." };
+
+    const now = Math.floor(Date.now() / 1000);
+    if (claims.aud !== this.tokenEndpoint) {
+      return { code: 700212, description: `The audience claim '${String(claims.aud)}' does not match the token endpoint.` };
+    }
+    if (claims.iss !== app.clientId || claims.sub !== app.clientId) {
+      return { code: 700021, description: "Client assertion application identifier doesn't match 'client_id' parameter." };
+    }
+    if (typeof claims.exp !== "number" || claims.exp < now - 300 || (typeof claims.nbf === "number" && claims.nbf > now + 300)) {
+      return { code: 700024, description: "Client assertion is not within its valid time range." };
+    }
+    if (typeof claims.jti !== "string" || this.seenJti.has(claims.jti)) {
+      return { code: 700025, description: "Client assertion contains a replayed or missing jti." };
+    }
+    this.seenJti.add(claims.jti);
+    return undefined;
+  }
+
+  private signingCertificate(header: Record<string, unknown>, app: AppRegistration): X509Certificate | undefined {
+    const x5tS256 = header["x5t#S256"];
+    if (typeof x5tS256 === "string") {
+      for (const pem of app.certificates) {
+        const certificate = new X509Certificate(pem);
+        if (b64url(Buffer.from(certificate.fingerprint256.replace(/:/g, ""), "hex")) === x5tS256) return certificate;
+      }
+    }
+    const x5c = header.x5c;
+    if (app.trustedIssuerPem && Array.isArray(x5c) && typeof x5c[0] === "string") {
+      const leaf = new X509Certificate(Buffer.from(x5c[0], "base64"));
+      const issuer = new X509Certificate(app.trustedIssuerPem);
+      if (leaf.checkIssued(issuer) && leaf.verify(issuer.publicKey)) return leaf;
+    }
+    return undefined;
+  }
+}
+
+// ---------------------------------------------------------------- Azure OpenAI
+
+export interface RecordedRequest {
+  method: string;
+  /** The request target exactly as it arrived on the wire. */
+  target: string;
+  /** Header names and values in arrival order, as sent. */
+  rawHeaders: string[];
+  headers: http.IncomingHttpHeaders;
+  bodyLength: number;
+  bodySha256: string;
+  tokenValid: boolean;
+  receivedAtMs: number;
+  /** When the proxy's connection for this request closed, or undefined while open. */
+  closedAtMs?: number;
+}
+
+/**
+ * A fake Azure OpenAI: `/openai/deployments/<name>/chat/completions` as the
+ * real service shapes it (JSON, or SSE with `stream: true`), 401 for any
+ * token the fake Entra ID did not issue or that has expired, and a few
+ * `/test/...` routes that shape a response for one contract point. It
+ * records every request exactly as received.
+ */
+export class FakeAzureOpenAI {
+  readonly received: RecordedRequest[] = [];
+  /** Requests that arrived with an expired or foreign token. */
+  rejected = 0;
+  /** SSE gate: when set, each event waits for `releaseEvent()`. */
+  gated = false;
+  private readonly gateWaiters: (() => void)[] = [];
+  private gatePermits = 0;
+  private server: http.Server | undefined;
+  port = 0;
+
+  constructor(private readonly entra: FakeEntraId | undefined) {}
+
+  start(): Promise<this> {
+    this.server = http.createServer((req, res) => void this.handle(req, res));
+    this.server.keepAliveTimeout = 60_000;
+    this.server.requestTimeout = 0;
+    return new Promise((resolve) => this.server!.listen(this.port, "127.0.0.1", () => {
+      this.port = (this.server!.address() as AddressInfo).port;
+      resolve(this);
+    }));
+  }
+
+  stop(): Promise<void> {
+    return new Promise((resolve) => {
+      this.server?.closeAllConnections();
+      this.server?.close(() => resolve());
+    });
+  }
+
+  get url(): string {
+    return `http://127.0.0.1:${this.port}`;
+  }
+
+  /** Lets the gated stream send its next event; a release before the stream waits is kept for it. */
+  releaseEvent(): void {
+    const waiter = this.gateWaiters.shift();
+    if (waiter) waiter();
+    else this.gatePermits += 1;
+  }
+
+  private waitForRelease(): Promise<void> {
+    if (this.gatePermits > 0) {
+      this.gatePermits -= 1;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => this.gateWaiters.push(resolve));
+  }
+
+  private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    const record: RecordedRequest = {
+      method: req.method!,
+      target: req.url!,
+      rawHeaders: req.rawHeaders,
+      headers: req.headers,
+      bodyLength: 0,
+      bodySha256: "",
+      tokenValid: false,
+      receivedAtMs: Date.now(),
+    };
+    this.received.push(record);
+    res.on("close", () => (record.closedAtMs = Date.now()));
+    const hash = createHash("sha256");
+    const chunks: Buffer[] = [];
+    for await (const chunk of req) {
+      hash.update(chunk);
+      record.bodyLength += chunk.length;
+      if (record.bodyLength <= 1 << 20) chunks.push(chunk);
+    }
+    record.bodySha256 = hash.digest("hex");
+
+    const bearer = /^Bearer (.+)$/.exec(req.headers.authorization ?? "")?.[1];
+    record.tokenValid = bearer !== undefined && (this.entra?.isValid(bearer) ?? true);
+    if (!record.tokenValid) {
+      this.rejected += 1;
+      res.writeHead(401, { "content-type": "application/json", "www-authenticate": 'Bearer error="invalid_token"' });
+      res.end(JSON.stringify({ error: { code: "401", message: "Unauthorized. Access token is missing, invalid, audience is incorrect, or have expired." } }));
+      return;
+    }
+    // Routes match on the path's end, so an API_BASE_URL path prefix does not matter.
+    const fullPath = record.target.split("?")[0]!;
+    const path = fullPath.includes("/test/") ? fullPath.slice(fullPath.indexOf("/test/")) : fullPath;
+    const body = record.bodyLength <= 1 << 20 ? Buffer.concat(chunks).toString() : "";
+    if (/\/openai\/deployments\/[^/]+\/chat\/completions$/.test(path) && req.method === "POST") {
+      return this.chatCompletion(JSON.parse(body || "{}"), res);
+    }
+    return this.testRoute(path, new URLSearchParams(record.target.split("?")[1] ?? ""), record, res);
+  }
+
+  private async chatCompletion(request: { stream?: boolean; messages?: { content?: string }[] }, res: http.ServerResponse): Promise<void> {
+    const words = ["Hello", " from", " the", " fake", " Azure", " OpenAI", "."];
+    const id = `chatcmpl-${randomBytes(6).toString("hex")}`;
+    const created = Math.floor(Date.now() / 1000);
+    if (!request.stream) {
+      res.writeHead(200, { "content-type": "application/json", "apim-request-id": id });
+      res.end(JSON.stringify({
+        id, object: "chat.completion", created, model: "gpt-4o",
+        choices: [{ index: 0, finish_reason: "stop", message: { role: "assistant", content: words.join("") } }],
+        usage: { prompt_tokens: 9, completion_tokens: words.length, total_tokens: 9 + words.length },
+      }));
+      return;
+    }
+    res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-cache" });
+    for (const [index, word] of words.entries()) {
+      const chunk = { id, object: "chat.completion.chunk", created, model: "gpt-4o", choices: [{ index: 0, delta: index === 0 ? { role: "assistant", content: word } : { content: word }, finish_reason: null }] };
+      res.write(`data: ${JSON.stringify(chunk)}\n\n`);
+      await Bun.sleep(80);
+    }
+    res.write(`data: ${JSON.stringify({ id, object: "chat.completion.chunk", created, model: "gpt-4o", choices: [{ index: 0, delta: {}, finish_reason: "stop" }] })}\n\n`);
+    res.end("data: [DONE]\n\n");
+  }
+
+  private async testRoute(path: string, query: URLSearchParams, record: RecordedRequest, res: http.ServerResponse): Promise<void> {
+    switch (path) {
+      case "/test/sse": {
+        // N events; with `gated`, each waits until the test has seen the previous one.
+        const events = Number(query.get("events") ?? 5);
+        res.writeHead(200, { "content-type": "text/event-stream" });
+        res.flushHeaders();
+        for (let index = 0; index < events; index++) {
+          if (this.gated) await this.waitForRelease();
+          res.write(`data: {"event":${index}}\n\n`);
+        }
+        res.end();
+        return;
+      }
+      case "/test/silent": {
+        await Bun.sleep(Number(query.get("ms") ?? 15000));
+        res.writeHead(200, { "content-type": "application/json" });
+        res.end('{"late":true}');
+        return;
+      }
+      case "/test/stream": {
+        // A stream that sends an event every `interval` ms for `ms` ms, or until the client goes.
+        const until = Date.now() + Number(query.get("ms") ?? 60000);
+        const interval = Number(query.get("interval") ?? 200);
+        res.writeHead(200, { "content-type": "text/event-stream" });
+        while (Date.now() < until && record.closedAtMs === undefined) {
+          res.write(`data: {"t":${Date.now()}}\n\n`);
+          await Bun.sleep(interval);
+        }
+        res.end();
+        return;
+      }
+      case "/test/gzip": {
+        const payload = gzipSync(JSON.stringify({ message: "compressed", padding: "x".repeat(4096) }));
+        res.writeHead(200, { "content-type": "application/json", "content-encoding": "gzip", "content-length": payload.length, "x-body-sha256": sha256Hex(payload) });
+        res.end(payload);
+        return;
+      }
+      case "/test/headers": {
+        res.setHeader("set-cookie", ["a=1; Path=/", "b=2; Path=/"]);
+        res.setHeader("x-upstream", "yes");
+        res.setHeader("x-private-hop", "drop me");
+        res.setHeader("keep-alive", "timeout=60");
+        res.setHeader("proxy-authenticate", "Basic");
+        res.setHeader("upgrade", "h2c");
+        res.setHeader("connection", "keep-alive, x-private-hop");
+        res.writeHead(200, { "content-type": "text/plain" });
+        res.end("headers");
+        return;
+      }
+      case "/test/redirect": {
+        res.writeHead(302, { location: "https://elsewhere.example/steal" });
+        res.end();
+        return;
+      }
+      case "/test/status": {
+        const status = Number(query.get("code") ?? 200);
+        res.writeHead(status, { "content-type": "application/json" });
+        res.end(JSON.stringify({ status }));
+        return;
+      }
+      default: {
+        // Echo: what arrived, for header and body assertions.
+        res.writeHead(200, { "content-type": "application/json" });
+        res.end(JSON.stringify({ target: record.target, bodyLength: record.bodyLength, bodySha256: record.bodySha256 }));
+      }
+    }
+  }
+}

@@ -1,0 +1,40 @@
+/**
+ * Raw HTTP/1.1 over a TCP socket: for request targets and headers that
+ * fetch would normalise away, and for many concurrent requests without a
+ * client-side connection cap.
+ */
+import net from "node:net";
+
+export interface RawResponse {
+  status: number;
+  headers: string[];
+  body: string;
+}
+
+/** Sends `request` as is and reads until the server closes the connection. */
+export function rawRequest(port: number, request: string | Buffer): Promise<RawResponse> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, "127.0.0.1");
+    const chunks: Buffer[] = [];
+    socket.on("connect", () => socket.write(request));
+    socket.on("data", (chunk: Buffer) => chunks.push(chunk));
+    socket.on("error", reject);
+    socket.on("close", () => resolve(parseResponse(Buffer.concat(chunks).toString("latin1"))));
+    socket.setTimeout(30_000, () => socket.destroy(new Error("raw request timed out")));
+  });
+}
+
+export function parseResponse(text: string): RawResponse {
+  const headerEnd = text.indexOf("\r\n\r\n");
+  const [statusLine = "", ...headers] = text.slice(0, headerEnd === -1 ? undefined : headerEnd).split("\r\n");
+  return { status: Number(statusLine.split(" ")[1]), headers, body: headerEnd === -1 ? "" : text.slice(headerEnd + 4) };
+}
+
+/** Opens a connection, sends `request`, and resolves once the first bytes of the response arrive. */
+export function openStream(port: number, request: string): Promise<{ socket: net.Socket; firstBytes: string }> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, "127.0.0.1", () => socket.write(request));
+    socket.once("data", (chunk) => resolve({ socket, firstBytes: chunk.toString() }));
+    socket.on("error", reject);
+  });
+}
