@@ -686,7 +686,7 @@ function accessLog(method: string, target: string, status: number, startedAt: nu
  * keep theirs (httpx 5 s, Node agents 4-15 s) so a client never reuses a
  * socket the proxy is closing.
  */
-const KEEP_ALIVE_IDLE_SECONDS = 75;
+export const KEEP_ALIVE_IDLE_SECONDS = 75;
 const JSON_HEADERS = { "content-type": "application/json" };
 
 export interface RunningProxy {

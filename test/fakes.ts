@@ -374,6 +374,14 @@ export class FakeAzureOpenAI {
         res.end('{"late":true}');
         return;
       }
+      case "/test/silent-stream": {
+        // One event, a long silence, one more event: the idle timer mid-stream.
+        res.writeHead(200, { "content-type": "text/event-stream" });
+        res.write('data: {"before":"silence"}\n\n');
+        await Bun.sleep(Number(query.get("ms") ?? 15000));
+        res.end('data: {"after":"silence"}\n\n');
+        return;
+      }
       case "/test/stream": {
         // A stream that sends an event every `interval` ms for `ms` ms, or until the client goes.
         const until = Date.now() + Number(query.get("ms") ?? 60000);
