@@ -784,6 +784,8 @@ Flags override the environment variables named beside them:
   --authority-host <url>    AZURE_AUTHORITY_HOST     (https://login.microsoftonline.com)
   --log-level <level>       LOG_LEVEL                debug, info, warn, error (info)
   --check                   acquire one token, print a JSON summary, exit 0 (or 1 and why)
+  --healthcheck             GET /health of the running proxy (HOST, PORT): exit 0 if 200, else 1
+  --livecheck               GET /live of the running proxy: exit 0 if 200, else 1
   -h, --help                this text
   -v, --version             the version
 
@@ -807,6 +809,8 @@ const FLAG_SPEC = {
   "--authority-host": String,
   "--log-level": String,
   "--check": Boolean,
+  "--healthcheck": Boolean,
+  "--livecheck": Boolean,
   "--help": Boolean,
   "--version": Boolean,
   "-h": "--help",
@@ -842,6 +846,30 @@ function reexecWithFetchConcurrencyLimit(): void {
     // execve returns only on failure.
   } catch {}
   log("warn", "could not raise Bun's fetch concurrency limit; set BUN_CONFIG_MAX_HTTP_REQUESTS=65535 to allow over 256 concurrent upstream requests");
+}
+
+/**
+ * `--healthcheck` and `--livecheck`: a distroless image has no curl or
+ * shell, so the binary probes its own /health or /live (Docker HEALTHCHECK,
+ * Kubernetes exec probes when HOST=127.0.0.1 keeps kubelet's HTTP probes
+ * out). Needs only HOST and PORT.
+ */
+const HEALTHCHECK_TIMEOUT_MS = 1500;
+
+export function probeUrl(host: string, port: string, path: "/health" | "/live"): string {
+  const reachable = host === "0.0.0.0" ? "127.0.0.1" : host === "::" ? "::1" : host;
+  return `http://${reachable.includes(":") ? `[${reachable}]` : reachable}:${port}${path}`;
+}
+
+async function probe(env: Environment, flags: Flags, path: "/health" | "/live"): Promise<never> {
+  const url = probeUrl(readSetting("host", env, flags).value!, readSetting("port", env, flags).value!, path);
+  try {
+    const response = await fetch(url, { signal: AbortSignal.timeout(HEALTHCHECK_TIMEOUT_MS) });
+    process.stdout.write(`${response.status} ${await response.text()}\n`);
+    process.exit(response.status === 200 ? 0 : 1);
+  } catch (error) {
+    fail([`probe ${url} failed: ${(error as Error).name === "TimeoutError" ? "no answer" : errorMessage(error)}`]);
+  }
 }
 
 function fail(lines: string[], exitCode = 1): never {
@@ -880,6 +908,8 @@ export async function main(argv: string[]): Promise<void> {
   }
   if (flags["--help"]) return void process.stdout.write(HELP);
   if (flags["--version"]) return void process.stdout.write(`${VERSION}\n`);
+  if (flags["--healthcheck"]) return probe(process.env, flags, "/health");
+  if (flags["--livecheck"]) return probe(process.env, flags, "/live");
 
   const { config, errors } = loadConfig(process.env, flags);
   if (!config) fail(errors);

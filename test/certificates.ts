@@ -16,8 +16,9 @@ export interface ClientCertificate {
 }
 
 export class CertificateFactory {
-  readonly dir = mkdtempSync(join(tmpdir(), "auth-proxy-certs-"));
   private serial = 0;
+
+  constructor(readonly dir = mkdtempSync(join(tmpdir(), "auth-proxy-certs-"))) {}
 
   private openssl(...args: string[]): void {
     execFileSync("openssl", args, { cwd: this.dir, stdio: ["ignore", "ignore", "pipe"] });

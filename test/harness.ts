@@ -116,8 +116,8 @@ export class ProxyProcess {
 const running = new Set<ProxyProcess>();
 
 /** Starts a proxy with `env` and arguments, without waiting for anything. */
-export function spawnProxy(env: Record<string, string | undefined>, args: string[] = []): ProxyProcess {
-  const proc = Bun.spawn([...PROXY_COMMAND, ...args], {
+export function spawnProxy(env: Record<string, string | undefined>, args: string[] = [], command = PROXY_COMMAND): ProxyProcess {
+  const proc = Bun.spawn([...command, ...args], {
     cwd: ROOT,
     env: { PATH: process.env.PATH, HOME: process.env.HOME, ...env },
     stdin: "ignore",
@@ -139,9 +139,9 @@ export function freePort(): number {
 }
 
 /** Starts a proxy on a free loopback port and waits until /live answers. */
-export async function startProxy(env: Record<string, string | undefined>, args: string[] = []): Promise<ProxyProcess> {
+export async function startProxy(env: Record<string, string | undefined>, args: string[] = [], command = PROXY_COMMAND): Promise<ProxyProcess> {
   const port = freePort();
-  const proxy = spawnProxy({ HOST: "127.0.0.1", PORT: String(port), ...env }, args);
+  const proxy = spawnProxy({ HOST: "127.0.0.1", PORT: String(port), ...env }, args, command);
   proxy.port = port;
   const deadline = Date.now() + 10_000;
   for (;;) {
