@@ -50,5 +50,11 @@ image-check: build
 	  echo "arm64 smoke (qemu-user): $$(qemu-aarch64 -L /usr/aarch64-linux-gnu dist/auth-proxy-linux-arm64 --version)"; \
 	else echo "arm64 smoke skipped: apt-get install qemu-user libc6-arm64-cross"; fi
 
+# Side by side with the upstream direct, nginx and a bare Bun passthrough; writes bench/RESULTS.md.
+bench: build-x64
+	@missing=; for tool in wrk nginx taskset; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then echo "installing wrk and nginx (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx util-linux >/dev/null; fi
+	$(BUN) bench/run.ts
+
 clean:
 	rm -rf node_modules dist

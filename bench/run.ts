@@ -1,0 +1,255 @@
+/**
+ * `make bench`: auth-proxy side by side with the upstream hit directly,
+ * nginx (the reverse-proxy floor) and a bare Bun.serve + fetch passthrough
+ * (the Bun floor), all against the same fast fake upstream, in one run.
+ * Load generators run on CPU 0, servers on CPU 1 (taskset); targets are
+ * interleaved in every round so drift on a shared machine hits them alike;
+ * every figure is the median over the rounds. Prints a markdown table and
+ * writes it into bench/RESULTS.md between the results markers.
+ *
+ * Usage: bun bench/run.ts   (BENCH_ROUNDS=3, BENCH_SECONDS=4)
+ */
+import { execFileSync, spawnSync } from "node:child_process";
+import { cpus } from "node:os";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { Subprocess } from "bun";
+import { CertificateFactory } from "../test/certificates.ts";
+import { FakeEntraId } from "../test/fakes.ts";
+import { freePort, ROOT } from "../test/harness.ts";
+
+const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
+const SECONDS = Number(process.env.BENCH_SECONDS ?? 4);
+const SERVER_CPU = "1";
+const CLIENT_CPU = "0";
+const BUN = process.execPath;
+const PROXY_BINARY = join(ROOT, "dist/auth-proxy");
+const BARE_BINARY = join(ROOT, "dist/bench-bare-serve");
+const CHAT_PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+const CLIENT_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+
+const median = (values: number[]) => {
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
+};
+const round2 = (value: number) => Math.round(value * 100) / 100;
+const children: Subprocess[] = [];
+
+function serve(command: string[], env: Record<string, string | undefined> = {}): Subprocess {
+  const child = Bun.spawn(["taskset", "-c", SERVER_CPU, ...command], {
+    env: { PATH: process.env.PATH, ...env },
+    stdout: "ignore",
+    stderr: "inherit",
+  });
+  children.push(child);
+  return child;
+}
+
+async function waitFor(url: string, status = 200): Promise<void> {
+  const deadline = Date.now() + 15_000;
+  while (Date.now() < deadline) {
+    const response = await fetch(url).catch(() => undefined);
+    if (response?.status === status) return;
+    await Bun.sleep(20);
+  }
+  throw new Error(`${url} did not answer ${status}`);
+}
+
+function memoryKiB(pid: number, field: "VmRSS" | "VmHWM"): number {
+  return Number(new RegExp(`${field}:\\s+(\\d+)`).exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]);
+}
+
+/** wrk on the client CPU; returns p50 latency (ms), requests/s and bytes/s. */
+function wrk(url: string, connections: number, script?: string): { p50: number; rps: number; bytesPerSecond: number } {
+  const args = ["-c", CLIENT_CPU, "wrk", "-t1", `-c${connections}`, `-d${SECONDS}s`, "--latency", ...(script ? ["-s", script] : []), url];
+  const output = execFileSync("taskset", args).toString();
+  if (/Non-2xx|Socket errors/.test(output)) throw new Error(`wrk saw errors against ${url}:\n${output}`);
+  const toMs = (value: string, unit: string) => Number(value) * ({ us: 0.001, ms: 1, s: 1000 } as Record<string, number>)[unit]!;
+  const p50 = /50%\s+([\d.]+)(us|ms|s)/.exec(output)!;
+  const transfer = /Transfer\/sec:\s+([\d.]+)(B|KB|MB|GB)/.exec(output)!;
+  const scale = ({ B: 1, KB: 1024, MB: 1024 ** 2, GB: 1024 ** 3 } as Record<string, number>)[transfer[2]!]!;
+  return { p50: toMs(p50[1]!, p50[2]!), rps: Number(/Requests\/sec:\s+([\d.]+)/.exec(output)![1]), bytesPerSecond: Number(transfer[1]) * scale };
+}
+
+function sse(url: string, concurrency: number, rounds: number): { ttfb: number; total: number } {
+  const output = execFileSync("taskset", ["-c", CLIENT_CPU, BUN, join(ROOT, "bench/sse-client.ts"), url, String(concurrency), String(rounds)]).toString();
+  const { ttfb, total } = JSON.parse(output) as { ttfb: number[]; total: number[] };
+  return { ttfb: median(ttfb), total: median(total) };
+}
+
+/** Exec to the first 200 from /live, in ms. */
+async function execToLive(command: string[], env: Record<string, string | undefined>): Promise<number> {
+  const port = freePort();
+  const startedAt = performance.now();
+  const child = Bun.spawn(["taskset", "-c", SERVER_CPU, ...command], { env: { PATH: process.env.PATH, ...env, HOST: "127.0.0.1", PORT: String(port) }, stdout: "ignore", stderr: "ignore" });
+  for (;;) {
+    const response = await fetch(`http://127.0.0.1:${port}/live`).catch(() => undefined);
+    if (response?.status === 200) break;
+    if (performance.now() - startedAt > 10_000) throw new Error(`${command.join(" ")} never answered /live`);
+    await Bun.sleep(1);
+  }
+  const elapsed = performance.now() - startedAt;
+  child.kill("SIGKILL");
+  await child.exited;
+  return elapsed;
+}
+
+// ---------------------------------------------------------------- setup
+
+const work = mkdtempSync(join(tmpdir(), "auth-proxy-bench-"));
+const certs = new CertificateFactory(join(work, "certs"));
+execFileSync("mkdir", ["-p", certs.dir]);
+const tls = certs.serverTls();
+const app = certs.client("bench-app");
+const entra = new FakeEntraId(tls).start();
+entra.register({ clientId: CLIENT_ID, certificates: [app.certificatePem] });
+
+const upstreamPort = freePort();
+serve([BUN, join(ROOT, "bench/upstream.ts"), String(upstreamPort)]);
+const upstream = `http://127.0.0.1:${upstreamPort}`;
+await waitFor(`${upstream}/`);
+
+const proxyEnv = {
+  AZURE_CLIENT_ID: CLIENT_ID,
+  AZURE_TENANT_ID: entra.tenantId,
+  AZURE_CERTIFICATE_PATH: app.pemPath,
+  API_BASE_URL: upstream,
+  AZURE_AUTHORITY_HOST: entra.authorityHost,
+  NODE_EXTRA_CA_CERTS: tls.caPath,
+  HOST: "127.0.0.1",
+  BUN_CONFIG_MAX_HTTP_REQUESTS: "65535",
+};
+const proxyPort = freePort();
+const proxy = serve([PROXY_BINARY], { ...proxyEnv, PORT: String(proxyPort), LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? "info" });
+await waitFor(`http://127.0.0.1:${proxyPort}/health`);
+
+const barePort = freePort();
+serve([BUN, join(ROOT, "bench/bare-proxy.ts"), String(barePort), upstream], { BUN_CONFIG_MAX_HTTP_REQUESTS: "65535" });
+await waitFor(`http://127.0.0.1:${barePort}/`);
+
+const nginxPort = freePort();
+const nginxDir = join(work, "nginx");
+execFileSync("mkdir", ["-p", nginxDir]);
+const nginxConf = readFileSync(join(ROOT, "bench/nginx.conf.template"), "utf8")
+  .replaceAll("@DIR@", nginxDir)
+  .replaceAll("@PORT@", String(nginxPort))
+  .replaceAll("@UPSTREAM_PORT@", String(upstreamPort));
+writeFileSync(join(nginxDir, "nginx.conf"), nginxConf);
+serve(["nginx", "-c", join(nginxDir, "nginx.conf"), "-p", nginxDir]);
+await waitFor(`http://127.0.0.1:${nginxPort}/`);
+
+const targets: Record<string, string> = {
+  direct: upstream,
+  nginx: `http://127.0.0.1:${nginxPort}`,
+  "Bun floor": `http://127.0.0.1:${barePort}`,
+  "auth-proxy": `http://127.0.0.1:${proxyPort}`,
+};
+type Sample = { post1: number; rps64: number; sse1Ttfb: number; sse1Total: number; sse64Ttfb: number; sse64Total: number; mbps: number };
+const samples: Record<string, Sample[]> = Object.fromEntries(Object.keys(targets).map((name) => [name, []]));
+
+// ---------------------------------------------------------------- load
+
+const names = Object.keys(targets);
+for (let round = 0; round < ROUNDS; round++) {
+  // Rotate the order each round so no target always runs first (or last).
+  const order = names.map((_, index) => names[(index + round) % names.length]!);
+  for (const name of order) {
+    const base = targets[name]!;
+    const post1 = wrk(base + CHAT_PATH, 1, join(ROOT, "bench/post.lua"));
+    const post64 = wrk(base + CHAT_PATH, 64, join(ROOT, "bench/post.lua"));
+    const sse1 = sse(`${base}/sse`, 1, 5);
+    const sse64 = sse(`${base}/sse`, 64, 2);
+    const mb = wrk(`${base}/1mb`, 8);
+    samples[name]!.push({ post1: post1.p50, rps64: post64.rps, sse1Ttfb: sse1.ttfb, sse1Total: sse1.total, sse64Ttfb: sse64.ttfb, sse64Total: sse64.total, mbps: mb.bytesPerSecond / 1024 ** 2 });
+    console.error(`round ${round + 1}/${ROUNDS} ${name}: p50 ${post1.p50} ms, ${Math.round(post64.rps)} req/s at c=64`);
+  }
+}
+const peakAfterAllLoads = memoryKiB(proxy.pid, "VmHWM");
+
+// Memory on a fresh proxy, so each figure has one cause: idle, after the
+// POST c=64 run, with 1,000 concurrent slow SSE streams (20 events 500 ms
+// apart), and 5 s after those end.
+proxy.kill();
+const memoryPort = freePort();
+const memoryProxy = serve([PROXY_BINARY], { ...proxyEnv, PORT: String(memoryPort), LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? "info" });
+await waitFor(`http://127.0.0.1:${memoryPort}/health`);
+await Bun.sleep(500);
+const idleRss = memoryKiB(memoryProxy.pid, "VmRSS");
+wrk(`http://127.0.0.1:${memoryPort}${CHAT_PATH}`, 64, join(ROOT, "bench/post.lua"));
+const peakAfterLoad = memoryKiB(memoryProxy.pid, "VmHWM");
+const held = JSON.parse(execFileSync("taskset", ["-c", CLIENT_CPU, BUN, join(ROOT, "bench/hold-streams.ts"), String(memoryPort), "1000"]).toString());
+const peakWithStreams = memoryKiB(memoryProxy.pid, "VmHWM");
+await Bun.sleep(5000);
+const rssAfterStreams = memoryKiB(memoryProxy.pid, "VmRSS");
+
+// ---------------------------------------------------------------- startup
+
+execFileSync(BUN, ["build", join(ROOT, "bench/bare-serve.ts"), "--compile", "--minify", "--bytecode", "--outfile", BARE_BINARY], { stdio: "ignore" });
+const startup: Record<string, number[]> = { "bare compiled Bun.serve": [], "auth-proxy binary": [], "auth-proxy binary, re-exec for fetch cap": [], "bun proxy.ts": [] };
+const startupEnv = { ...proxyEnv, LOG_LEVEL: "warn" };
+for (let run = 0; run < 10; run++) {
+  startup["bare compiled Bun.serve"]!.push(await execToLive([BARE_BINARY], {}));
+  startup["auth-proxy binary"]!.push(await execToLive([PROXY_BINARY], startupEnv));
+  startup["auth-proxy binary, re-exec for fetch cap"]!.push(await execToLive([PROXY_BINARY], { ...startupEnv, BUN_CONFIG_MAX_HTTP_REQUESTS: undefined }));
+  startup["bun proxy.ts"]!.push(await execToLive([BUN, join(ROOT, "proxy.ts")], startupEnv));
+}
+
+for (const child of children) child.kill();
+entra.stop();
+rmSync(work, { recursive: true, force: true });
+
+// ---------------------------------------------------------------- report
+
+const m = (name: string, key: keyof Sample) => median(samples[name]!.map((sample) => sample[key]));
+const mb = (kib: number) => round2(kib / 1024);
+const row = (label: string, key: keyof Sample, digits = 2) =>
+  `| ${label} | ${names.map((name) => (digits === 0 ? Math.round(m(name, key)).toLocaleString("en-US") : m(name, key).toFixed(digits))).join(" | ")} |`;
+const added = (key: keyof Sample) => m("auth-proxy", key) - m("direct", key);
+const verdict = (ok: boolean) => (ok ? "met" : "**not met**");
+
+const startupMedians = Object.fromEntries(Object.entries(startup).map(([name, values]) => [name, median(values)]));
+const startupRatio = startupMedians["auth-proxy binary"]! / startupMedians["bare compiled Bun.serve"]!;
+const checks = [
+  [`Added p50 latency at c=1 (auth-proxy − direct) ≤ 0.20 ms`, `${added("post1").toFixed(3)} ms (nginx ${(m("nginx", "post1") - m("direct", "post1")).toFixed(3)}, Bun floor ${(m("Bun floor", "post1") - m("direct", "post1")).toFixed(3)})`, added("post1") <= 0.2],
+  [`Throughput at c=64 ≥ 0.75 × nginx`, `${(m("auth-proxy", "rps64") / m("nginx", "rps64")).toFixed(2)} × nginx (Bun floor ${(m("Bun floor", "rps64") / m("nginx", "rps64")).toFixed(2)} ×)`, m("auth-proxy", "rps64") / m("nginx", "rps64") >= 0.75],
+  [`SSE time to first byte ≤ direct + 1 ms (c=1 / c=64)`, `+${added("sse1Ttfb").toFixed(2)} / +${added("sse64Ttfb").toFixed(2)} ms`, added("sse1Ttfb") <= 1 && added("sse64Ttfb") <= 1],
+  [`SSE total time within 2 % of direct at c=64`, `${((m("auth-proxy", "sse64Total") / m("direct", "sse64Total") - 1) * 100).toFixed(2)} %`, m("auth-proxy", "sse64Total") / m("direct", "sse64Total") <= 1.02],
+  [`Idle RSS ≤ 40 MB (compiled, MSAL loaded)`, `${mb(idleRss)} MB`, idleRss <= 40 * 1024],
+  [`Peak RSS after the c=64 run ≤ 64 MB`, `${mb(peakAfterLoad)} MB (after every load above, 1 MB bodies included: ${mb(peakAfterAllLoads)} MB)`, peakAfterLoad <= 64 * 1024],
+  [`Peak RSS with 1,000 concurrent streams ≤ 150 MB`, `${mb(peakWithStreams)} MB (${held.complete}/${held.opened} streams complete)`, peakWithStreams <= 150 * 1024 && held.complete === held.opened],
+  [`RSS 5 s after the streams end within 20 % of idle`, `${mb(rssAfterStreams)} MB (${((rssAfterStreams / idleRss - 1) * 100).toFixed(0)} % over idle)`, rssAfterStreams <= idleRss * 1.2],
+  [`Exec to /live ≤ 1.5 × bare compiled Bun.serve`, `${startupRatio.toFixed(2)} × (${startupMedians["auth-proxy binary"]!.toFixed(1)} vs ${startupMedians["bare compiled Bun.serve"]!.toFixed(1)} ms)`, startupRatio <= 1.5],
+] as const;
+
+const commit = spawnSync("git", ["describe", "--always", "--dirty", "--abbrev=12"], { cwd: ROOT }).stdout.toString().trim();
+const nginxVersion = spawnSync("nginx", ["-v"]).stderr.toString().trim().replace("nginx version: ", "");
+const table = [
+  `Run ${new Date().toISOString().slice(0, 16).replace("T", " ")} UTC · commit ${commit} · ${cpus().length} × ${cpus()[0]?.model} · Bun ${Bun.version} · ${nginxVersion} · ${ROUNDS} rounds of ${SECONDS} s, medians · load on CPU ${CLIENT_CPU}, servers on CPU ${SERVER_CPU} · auth-proxy = the compiled binary, LOG_LEVEL=${process.env.BENCH_LOG_LEVEL ?? "info"} (access lines written)`,
+  "",
+  `| | ${names.join(" | ")} |`,
+  `|---|${names.map(() => "---:").join("|")}|`,
+  row("POST chat completion, c=1: p50 latency (ms)", "post1", 3),
+  row("POST chat completion, c=64: requests/s", "rps64", 0),
+  row("SSE 50 events × 5 ms, c=1: time to first byte (ms)", "sse1Ttfb"),
+  row("SSE c=1: total (ms)", "sse1Total"),
+  row("SSE c=64: time to first byte (ms)", "sse64Ttfb"),
+  row("SSE c=64: total (ms)", "sse64Total"),
+  row("1 MB GET, c=8: MB/s", "mbps", 0),
+  "",
+  "| Target | Measured | |",
+  "|---|---|---|",
+  ...checks.map(([target, measured, ok]) => `| ${target} | ${measured} | ${verdict(ok)} |`),
+  "",
+  "| Exec to /live (median of 10, ms) | |",
+  "|---|---:|",
+  ...Object.entries(startupMedians).map(([name, value]) => `| ${name} | ${value.toFixed(1)} |`),
+].join("\n");
+
+console.log(table);
+const resultsPath = join(ROOT, "bench/RESULTS.md");
+const previous = readFileSync(resultsPath, "utf8");
+const [before, rest] = previous.split("<!-- results:start -->");
+const after = rest?.split("<!-- results:end -->")[1] ?? "";
+writeFileSync(resultsPath, `${before}<!-- results:start -->\n${table}\n<!-- results:end -->${after}`);
