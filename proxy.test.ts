@@ -25,7 +25,7 @@ import {
 import { CertificateFactory, type ClientCertificate } from "./test/certificates.ts";
 import { FakeAzureOpenAI, FakeEntraId } from "./test/fakes.ts";
 import { allOutput, ROOT, spawnProxy, startProxy, stopAllProxies, type ProxyProcess } from "./test/harness.ts";
-import { openStream, rawRequest } from "./test/http.ts";
+import { openStream, rawRequest, startConnectProxy } from "./test/http.ts";
 
 const CLIENT_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 const PASSWORD = "correct horse battery staple";
@@ -265,6 +265,20 @@ describe("Startup", () => {
 
     const withChain = spawnProxy({ ...env, AZURE_CLIENT_SEND_CERTIFICATE_CHAIN: "true" }, ["--check"]);
     expect(await withChain.exited).toBe(0);
+  });
+
+  test("token requests go through HTTPS_PROXY, and NO_PROXY bypasses it", async () => {
+    const corporate = await startConnectProxy();
+    try {
+      const proxied = spawnProxy(baseEnv({ HTTPS_PROXY: `http://127.0.0.1:${corporate.port}` }), ["--check"]);
+      expect(await proxied.exited).toBe(0);
+      expect(corporate.tunnels).toEqual([new URL(entra.authorityHost).host]);
+      const bypassed = spawnProxy(baseEnv({ HTTPS_PROXY: `http://127.0.0.1:${corporate.port}`, NO_PROXY: "127.0.0.1" }), ["--check"]);
+      expect(await bypassed.exited).toBe(0);
+      expect(corporate.tunnels).toHaveLength(1);
+    } finally {
+      corporate.close();
+    }
   });
 
   test("the proxy listens at once while the first token is still being acquired", async () => {
@@ -896,6 +910,20 @@ describe("Signals", () => {
     expect(await cutAfter).toBeGreaterThan(900);
     expect(proxy.lines.some((line) => line.msg === "shutdown timeout reached; closing open requests")).toBe(true);
     expect(proxy.lines.at(-1)).toMatchObject({ msg: "stopped", drained: false });
+  });
+  test("a request still waiting for its upstream's first byte at the deadline does not hold the exit", async () => {
+    const proxy = await startProxy(baseEnv({ SHUTDOWN_TIMEOUT: "1" }));
+    await proxy.waitForHealth();
+    const waiting = fetch(`${proxy.url}/test/silent?ms=30000`).then(
+      (response) => response.status,
+      () => "cut",
+    );
+    while (upstream.received.at(-1)?.target !== "/test/silent?ms=30000") await Bun.sleep(10);
+    const signalledAt = performance.now();
+    proxy.proc.kill("SIGTERM");
+    expect(await proxy.exited).toBe(0);
+    expect(performance.now() - signalledAt).toBeLessThan(3500);
+    expect(await waiting).toBe("cut");
   });
 });
 

@@ -653,7 +653,7 @@ export function proxyError(status: number, code: string, message: string, header
   return Response.json({ error: { message, type: "auth_proxy_error", code } }, { status, headers });
 }
 
-/** Bun.serve and fetch settings for one forwarded request: the whole hot path. */
+/** One forwarded request, the whole hot path: rewrite headers, fetch, strip the response's hop-by-hop headers, log. */
 async function forward(req: Request, target: string, authorization: string, upstream: Upstream): Promise<Response> {
   const startedAt = performance.now();
   rewriteRequestHeaders(req.headers, authorization);
@@ -721,6 +721,7 @@ function accessLog(method: string, target: string, status: number, startedAt: nu
  * socket the proxy is closing.
  */
 export const KEEP_ALIVE_IDLE_SECONDS = 75;
+const FORCED_STOP_GRACE_MS = 1000;
 const JSON_HEADERS = { "content-type": "application/json" };
 
 export interface RunningProxy {
@@ -761,9 +762,9 @@ export function startProxy(config: Config, credential: Credential): RunningProxy
       if (draining) {
         return proxyError(503, "shutting_down", "auth-proxy is shutting down", { connection: "close", "retry-after": "1" });
       }
-      const token = tokens.usable(Date.now());
+      const now = Date.now();
+      const token = tokens.usable(now);
       if (token === undefined) {
-        const now = Date.now();
         accessLog(req.method, target, 503, performance.now());
         return proxyError(503, "token_unavailable", `auth-proxy holds no valid Azure AD token: ${tokens.unavailableReason()}`, {
           "retry-after": String(tokens.retryAfterSeconds(now)),
@@ -790,7 +791,8 @@ export function startProxy(config: Config, credential: Credential): RunningProxy
     const clean = await Promise.race([drained, deadline]);
     if (!clean) {
       log("warn", "shutdown timeout reached; closing open requests", { pending_requests: server.pendingRequests });
-      await server.stop(true);
+      // stop(true) has never resolved while a handler awaited its upstream (oven-sh/bun#40043): bound it too.
+      await Promise.race([server.stop(true), Bun.sleep(FORCED_STOP_GRACE_MS)]);
     }
     log("info", "stopped", { drained: clean });
   }

@@ -38,3 +38,25 @@ export function openStream(port: number, request: string): Promise<{ socket: net
     socket.on("error", reject);
   });
 }
+
+/** A minimal HTTP CONNECT proxy, as corporate networks run: records each tunnel's target. */
+export function startConnectProxy(): Promise<{ port: number; tunnels: string[]; close(): void }> {
+  const tunnels: string[] = [];
+  const server = net.createServer((client) => {
+    client.once("data", (head: Buffer) => {
+      const [method, target] = head.toString("latin1").split(" ");
+      if (method !== "CONNECT" || !target) return void client.end("HTTP/1.1 405 Method Not Allowed\r\n\r\n");
+      tunnels.push(target);
+      const [host, port] = [target.slice(0, target.lastIndexOf(":")), Number(target.slice(target.lastIndexOf(":") + 1))];
+      const remote = net.connect(port, host, () => {
+        client.write("HTTP/1.1 200 Connection Established\r\n\r\n");
+        client.pipe(remote).pipe(client);
+      });
+      remote.on("error", () => client.destroy());
+      client.on("error", () => remote.destroy());
+    });
+  });
+  return new Promise((resolve) =>
+    server.listen(0, "127.0.0.1", () => resolve({ port: (server.address() as net.AddressInfo).port, tunnels, close: () => server.close() })),
+  );
+}
