@@ -155,6 +155,13 @@ describe("Invocation", () => {
     expect(proxy.stdout + proxy.stderr).not.toContain(token);
   });
 
+  test("AZURE_SCOPE is the scope requested from Entra ID", async () => {
+    const proxy = spawnProxy(baseEnv({ AZURE_SCOPE: "api://contoso-gateway/.default" }), ["--check"]);
+    expect(await proxy.exited).toBe(0);
+    expect(JSON.parse(proxy.stdout).scope).toBe("api://contoso-gateway/.default");
+    expect(entra.scopes.at(-1)).toBe("api://contoso-gateway/.default");
+  });
+
   test("--check exits 1 with the AADSTS error when Entra ID rejects the certificate", async () => {
     const stranger = certs.client("unregistered");
     const proxy = spawnProxy(baseEnv({ AZURE_CERTIFICATE_PATH: stranger.pemPath }), ["--check"]);
@@ -431,8 +438,10 @@ describe("Forwarding", () => {
       "Host: app.internal:8080",
       "Authorization: Bearer the-apps-placeholder",
       "api-key: sk-placeholder",
-      "Connection: close, X-Hop-Named",
+      "Connection: close, X-Hop-Named, Upgrade, HTTP2-Settings",
       "X-Hop-Named: 1",
+      "Upgrade: h2c",
+      "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
       "Keep-Alive: timeout=5",
       "Proxy-Authorization: Basic dXNlcjpwYXNz",
       "Proxy-Connection: keep-alive",
@@ -454,7 +463,7 @@ describe("Forwarding", () => {
     expect(headers.host).toBe(`127.0.0.1:${upstream.port}`);
     expect(headers.authorization).toMatch(/^Bearer fake-at-/);
     expect(entra.isValid(headers.authorization!.slice(7))).toBe(true);
-    for (const removed of ["api-key", "x-hop-named", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "upgrade"]) {
+    for (const removed of ["api-key", "x-hop-named", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "upgrade", "http2-settings"]) {
       expect(headers[removed]).toBeUndefined();
     }
     expect(headers["user-agent"]).toBe("OpenAI/Python 1.99.0");

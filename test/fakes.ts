@@ -46,6 +46,8 @@ export class FakeEntraId {
   refreshInSeconds: number | undefined;
   outage: Outage | undefined;
   tokenRequests = 0;
+  /** The scope of every token request, in order. */
+  readonly scopes: string[] = [];
   private readonly seenJti = new Set<string>();
   private readonly hanging = new Set<() => void>();
   private server: ReturnType<typeof Bun.serve> | undefined;
@@ -136,6 +138,7 @@ export class FakeEntraId {
       return this.aadError(400, "unauthorized_client", 700016, `Application with identifier '${clientId}' was not found in the directory '${this.tenantId}'.`);
     }
     const scope = form.get("scope") ?? "";
+    this.scopes.push(scope);
     if (!scope.split(" ").some((s) => s.endsWith("/.default"))) {
       return this.aadError(400, "invalid_scope", 1002012, `The provided value for scope ${scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.`);
     }
