@@ -329,7 +329,7 @@ describe("Endpoints the proxy owns", () => {
   });
 
   test("/health answers 503 with a reason while no valid token is held", async () => {
-    entra.outage = { kind: "error", status: 400, error: "invalid_client", code: 7000222, description: "The provided client certificate is expired." };
+    entra.outage = { kind: "error", status: 401, error: "invalid_client", code: 700027, description: "Client assertion failed signature validation. [Reason - The key used is expired.]" };
     try {
       const starved = await startProxy(baseEnv());
       await starved.waitForLog((line) => line.msg === "token acquisition failed");
@@ -337,7 +337,7 @@ describe("Endpoints the proxy owns", () => {
       expect(response.status).toBe(503);
       const body = await readJson(response);
       expect(body.status).toBe("unavailable");
-      expect(body.reason).toContain("AADSTS7000222");
+      expect(body.reason).toContain("AADSTS700027");
       await starved.stop();
     } finally {
       resetEntra();
@@ -355,7 +355,7 @@ describe("Endpoints the proxy owns", () => {
   });
 
   test("--healthcheck exits 1 when /health is not 200, and when nothing listens", async () => {
-    entra.outage = { kind: "error", status: 400, error: "invalid_client", code: 7000222, description: "The provided client certificate is expired." };
+    entra.outage = { kind: "error", status: 401, error: "invalid_client", code: 700027, description: "Client assertion failed signature validation. [Reason - The key used is expired.]" };
     try {
       const starved = await startProxy(baseEnv());
       const unhealthy = spawnProxy({ HOST: "127.0.0.1", PORT: String(starved.port) }, ["--healthcheck"]);
