@@ -400,7 +400,8 @@ describe("Forwarding", () => {
   });
 
   test("hostile request targets never reach another origin", async () => {
-    const trap = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response("trapped") });
+    let trapped = 0;
+    const trap = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => ((trapped += 1), new Response("trapped")) });
     const other = `127.0.0.1:${trap.port}`;
     const targets = [
       `//${other}/x`,
@@ -414,9 +415,6 @@ describe("Forwarding", () => {
       `/x/../../..//${other}/y`,
       `@${other}/x`,
     ];
-    let trapped = 0;
-    const trapCount = () => trapped;
-    trap.reload({ fetch: () => ((trapped += 1), new Response("trapped")) });
     for (const target of targets) {
       const before = upstream.received.length;
       const response = await rawRequest(proxy.port, `GET ${target} HTTP/1.1\r\nHost: ${other}\r\nConnection: close\r\n\r\n`);
@@ -428,7 +426,7 @@ describe("Forwarding", () => {
         expect(lastReceived().headers.host).toBe(`127.0.0.1:${upstream.port}`);
       }
     }
-    expect(trapCount()).toBe(0);
+    expect(trapped).toBe(0);
     trap.stop(true);
   });
 

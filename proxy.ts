@@ -968,6 +968,14 @@ export async function main(argv: string[]): Promise<void> {
   } catch (error) {
     fail([`cannot listen on ${config.host}:${config.port} (${(error as NodeJS.ErrnoException).code ?? errorMessage(error)})`]);
   }
+  // As PID 1 in a container a process without handlers ignores SIGTERM: install them as soon as there is something to drain.
+  process.on("exit", flushLog);
+  for (const signal of ["SIGTERM", "SIGINT"] as const) {
+    process.on(signal, () => void proxy.shutdown(signal).then(() => {
+      flushLog();
+      process.exit(0);
+    }));
+  }
   log("info", "auth-proxy started", {
     version: VERSION,
     listen: `${config.host}:${proxy.server.port}`,
@@ -982,14 +990,6 @@ export async function main(argv: string[]): Promise<void> {
   }
   if (config.apiBaseUrl.startsWith("http:") && !/^http:\/\/(localhost|127\.|\[::1\])/.test(config.apiBaseUrl)) {
     log("warn", "API_BASE_URL is plain http: the bearer token crosses the network unencrypted");
-  }
-
-  process.on("exit", flushLog);
-  for (const signal of ["SIGTERM", "SIGINT"] as const) {
-    process.on(signal, () => void proxy.shutdown(signal).then(() => {
-      flushLog();
-      process.exit(0);
-    }));
   }
 }
 
