@@ -56,6 +56,11 @@ async function readJson(response: Response): Promise<any> {
   return JSON.parse(text);
 }
 
+/** The SHA-256 thumbprint as Entra ID shows it, computed here independently of proxy.ts. */
+function thumbprintOf(certificatePem: string): string {
+  return new X509Certificate(certificatePem).fingerprint256.replace(/:/g, "");
+}
+
 function lastReceived() {
   return upstream.received.at(-1)!;
 }
@@ -141,7 +146,7 @@ describe("Invocation", () => {
     const proxy = spawnProxy(baseEnv(), ["--check"]);
     expect(await proxy.exited).toBe(0);
     const summary = JSON.parse(proxy.stdout);
-    const thumbprint = new X509Certificate(appCertificate.certificatePem).fingerprint256.replace(/:/g, "");
+    const thumbprint = thumbprintOf(appCertificate.certificatePem);
     expect(summary).toMatchObject({
       status: "ok",
       client_id: CLIENT_ID,
@@ -774,8 +779,7 @@ describe("Token lifecycle", () => {
     entra.tokenLifetimeSeconds = 4;
     try {
       const proxy = await startProxy(baseEnv({ AZURE_CLIENT_ID: rotationClientId, AZURE_CERTIFICATE_PATH: join(secretDir, "cert.pem") }));
-      const thumbprint = (pem: string) => new X509Certificate(pem).fingerprint256.replace(/:/g, "");
-      await proxy.waitForLog((line) => line.msg === "token acquired" && line.certificate_thumbprint === thumbprint(oldCert.certificatePem));
+      await proxy.waitForLog((line) => line.msg === "token acquired" && line.certificate_thumbprint === thumbprintOf(oldCert.certificatePem));
 
       // A broken file is reported and the last good certificate keeps working.
       mount("..v2", "-----BEGIN CERTIFICATE-----\ntruncated");
@@ -788,7 +792,7 @@ describe("Token lifecycle", () => {
       entra.register({ clientId: rotationClientId, certificates: [oldCert.certificatePem, newCert.certificatePem] });
       mount("..v3", readFileSync(newCert.pemPath, "utf8"));
       entra.register({ clientId: rotationClientId, certificates: [newCert.certificatePem] });
-      await proxy.waitForLog((line) => line.msg === "token acquired" && line.certificate_thumbprint === thumbprint(newCert.certificatePem));
+      await proxy.waitForLog((line) => line.msg === "token acquired" && line.certificate_thumbprint === thumbprintOf(newCert.certificatePem));
       expect(proxy.lines.some((line) => line.msg === "certificate changed")).toBe(true);
       const response = await fetch(`${proxy.url}/openai/models`);
       expect(response.status).toBe(200);
@@ -832,7 +836,7 @@ describe("Logs", () => {
       upstream: upstream.url,
       client_id: CLIENT_ID,
       tenant_id: entra.tenantId,
-      certificate_thumbprint: new X509Certificate(appCertificate.certificatePem).fingerprint256.replace(/:/g, ""),
+      certificate_thumbprint: thumbprintOf(appCertificate.certificatePem),
     });
   });
 
@@ -958,7 +962,7 @@ describe("Pure pieces", () => {
   test("parseCredential computes the SHA-256 thumbprint and puts the leaf first in the chain", () => {
     const chained = certs.chained("order");
     const credential = parseCredential(chained.issuerPem + chained.privateKeyPem + chained.certificatePem, undefined, "test.pem");
-    expect(credential.thumbprintSha256).toBe(new X509Certificate(chained.certificatePem).fingerprint256.replace(/:/g, ""));
+    expect(credential.thumbprintSha256).toBe(thumbprintOf(chained.certificatePem));
     expect(credential.certificateChainPem.indexOf(chained.certificatePem.trim().split("\n")[1]!)).toBe(28);
     expect(credential.subject).toBe("CN=order");
   });
@@ -1065,8 +1069,12 @@ describe("Secrets", () => {
     for (const token of entra.issued.keys()) expect(output).not.toContain(token);
     expect(entra.assertions.length).toBeGreaterThan(5);
     for (const assertion of entra.assertions) expect(output).not.toContain(assertion.split(".")[2]!);
-    const keyLines = appCertificate.privateKeyPem.split("\n").filter((line) => line.length > 40);
-    for (const line of keyLines) expect(output).not.toContain(line);
+    // Every private key this run generated (app, rotation, PKCS#1, encrypted, SNI, server), line by line.
+    const keyFiles = readdirSync(certs.dir).filter((file) => file.endsWith(".key"));
+    expect(keyFiles.length).toBeGreaterThan(5);
+    for (const file of keyFiles) {
+      for (const line of certs.read(file).split("\n").filter((text) => text.length > 40)) expect(output).not.toContain(line);
+    }
     expect(output).not.toContain(PASSWORD);
     expect(output).not.toContain("Bearer fake-at-");
   });

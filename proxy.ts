@@ -246,6 +246,15 @@ export class CredentialError extends Error {}
 
 const PEM_BLOCK = /-----BEGIN ([A-Z0-9 ]+)-----[\s\S]*?-----END \1-----/g;
 
+/** How Entra ID and the Azure portal name a certificate: hex SHA-256 thumbprint and one-line subject. */
+function certificateThumbprint(certificate: X509Certificate): string {
+  return certificate.fingerprint256.replace(/:/g, "");
+}
+
+function certificateSubject(certificate: X509Certificate): string {
+  return certificate.subject.replace(/\n/g, ", ");
+}
+
 function spki(key: KeyObject): string {
   return key.export({ type: "spki", format: "der" }).toString("base64");
 }
@@ -302,15 +311,15 @@ export function parseCredential(pem: string, password: string | undefined, file:
   if (!leaf) {
     const [first] = certificates;
     throw new CredentialError(
-      `the private key in ${file} does not belong to its certificate (${first!.subject.replace(/\n/g, ", ")}, SHA-256 ${first!.fingerprint256.replace(/:/g, "")})`,
+      `the private key in ${file} does not belong to its certificate (${certificateSubject(first!)}, SHA-256 ${certificateThumbprint(first!)})`,
     );
   }
   const chain = [leaf, ...certificates.filter((certificate) => certificate !== leaf)];
   return {
     privateKeyPem: privateKey.export({ type: "pkcs8", format: "pem" }).toString(),
-    thumbprintSha256: leaf.fingerprint256.replace(/:/g, ""),
+    thumbprintSha256: certificateThumbprint(leaf),
     certificateChainPem: chain.map((certificate) => certificate.toString()).join(""),
-    subject: leaf.subject.replace(/\n/g, ", "),
+    subject: certificateSubject(leaf),
     notAfter: new Date(leaf.validTo),
   };
 }
@@ -726,7 +735,6 @@ const JSON_HEADERS = { "content-type": "application/json" };
 
 export interface RunningProxy {
   server: ReturnType<typeof Bun.serve>;
-  tokens: TokenManager;
   shutdown(signal: string): Promise<void>;
 }
 
@@ -798,7 +806,7 @@ export function startProxy(config: Config, credential: Credential): RunningProxy
   }
 
   tokens.start();
-  return { server, tokens, shutdown };
+  return { server, shutdown };
 }
 
 // ---------------------------------------------------------------- main
@@ -909,7 +917,6 @@ async function probe(env: Environment, flags: Flags, path: "/health" | "/live"):
 }
 
 function fail(lines: string[], exitCode = 1): never {
-  flushLog();
   for (const line of lines) process.stderr.write(`auth-proxy: ${line}\n`);
   process.exit(exitCode);
 }
@@ -937,6 +944,8 @@ async function check(config: Config, credential: Credential): Promise<never> {
 }
 
 export async function main(argv: string[]): Promise<void> {
+  // Batched log lines reach stdout on every exit path, process.exit() included.
+  process.on("exit", flushLog);
   let flags: Flags;
   try {
     flags = arg(FLAG_SPEC, { argv });
@@ -969,12 +978,8 @@ export async function main(argv: string[]): Promise<void> {
     fail([`cannot listen on ${config.host}:${config.port} (${(error as NodeJS.ErrnoException).code ?? errorMessage(error)})`]);
   }
   // As PID 1 in a container a process without handlers ignores SIGTERM: install them as soon as there is something to drain.
-  process.on("exit", flushLog);
   for (const signal of ["SIGTERM", "SIGINT"] as const) {
-    process.on(signal, () => void proxy.shutdown(signal).then(() => {
-      flushLog();
-      process.exit(0);
-    }));
+    process.on(signal, () => void proxy.shutdown(signal).then(() => process.exit(0)));
   }
   log("info", "auth-proxy started", {
     version: VERSION,

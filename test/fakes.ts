@@ -45,7 +45,6 @@ export class FakeEntraId {
   tokenLifetimeSeconds = 3600;
   refreshInSeconds: number | undefined;
   outage: Outage | undefined;
-  tokenRequests = 0;
   /** The scope of every token request, in order. */
   readonly scopes: string[] = [];
   private readonly seenJti = new Set<string>();
@@ -118,7 +117,6 @@ export class FakeEntraId {
       }
       return new Response("not found", { status: 404 });
     }
-    this.tokenRequests += 1;
     if (this.outage?.kind === "hang") {
       return new Promise<Response>((resolve) => this.hanging.add(() => resolve(new Response("late", { status: 504 }))));
     }
@@ -233,7 +231,6 @@ export interface RecordedRequest {
   bodyLength: number;
   bodySha256: string;
   tokenValid: boolean;
-  receivedAtMs: number;
   /** When the proxy's connection for this request closed, or undefined while open. */
   closedAtMs?: number;
 }
@@ -303,7 +300,6 @@ export class FakeAzureOpenAI {
       bodyLength: 0,
       bodySha256: "",
       tokenValid: false,
-      receivedAtMs: Date.now(),
     };
     this.received.push(record);
     res.on("close", () => (record.closedAtMs = Date.now()));

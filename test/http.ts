@@ -31,10 +31,10 @@ export function parseResponse(text: string): RawResponse {
 }
 
 /** Opens a connection, sends `request`, and resolves once the first bytes of the response arrive. */
-export function openStream(port: number, request: string): Promise<{ socket: net.Socket; firstBytes: string }> {
+export function openStream(port: number, request: string): Promise<{ socket: net.Socket }> {
   return new Promise((resolve, reject) => {
     const socket = net.connect(port, "127.0.0.1", () => socket.write(request));
-    socket.once("data", (chunk) => resolve({ socket, firstBytes: chunk.toString() }));
+    socket.once("data", () => resolve({ socket }));
     socket.on("error", reject);
   });
 }
