@@ -2,11 +2,12 @@
  * auth-proxy: a sidecar that holds an Entra ID (Azure AD) access token, got
  * with the client-credentials flow and a certificate, and forwards every
  * request to API_BASE_URL with `Authorization: Bearer <token>`, streaming
- * both ways and changing nothing else. The external contract is
+ * both ways and changing nothing else; WebSocket upgrades are relayed with
+ * the token in the upstream handshake. The external contract is
  * shared/CONTRACT.md; the README explains it to users.
  *
  * The file reads as the journey: configuration -> credential -> token
- * manager -> forwarding -> server and lifecycle -> main.
+ * manager -> forwarding -> WebSocket relay -> server and lifecycle -> main.
  */
 import arg from "arg";
 import { createPrivateKey, createPublicKey, X509Certificate, type KeyObject } from "node:crypto";
@@ -699,25 +700,388 @@ async function forward(req: Request, target: string, authorization: string, upst
 
 interface Upstream {
   apiBaseUrl: string;
+  /** API_BASE_URL as ws: or wss:, for WebSocket upgrades. */
+  websocketBaseUrl: string;
+  /** The outbound proxy WebSocket connections take, per HTTPS_PROXY/NO_PROXY. */
+  websocketProxy: string | undefined;
   origin: string;
   tokens: TokenManager;
+}
+
+/** The path without its query: queries can carry data the operator did not mean to log. */
+function pathOf(target: string): string {
+  const queryStart = target.indexOf("?");
+  return queryStart === -1 ? target : target.slice(0, queryStart);
 }
 
 let accessLogEnabled = true;
 
 /**
  * One line per forwarded request, built by hand on the hot path. The path
- * goes without its query (queries can carry data the operator did not mean
- * to log); the method needs no escaping, as HTTP tokens hold no quote or
+ * goes without its query; the method needs no escaping, as HTTP tokens hold no quote or
  * backslash; the duration runs to the upstream's response headers, and a
  * stream goes on after it.
  */
 function accessLog(method: string, target: string, status: number, startedAt: number): void {
   if (!accessLogEnabled) return;
-  const queryStart = target.indexOf("?");
-  const path = JSON.stringify(queryStart === -1 ? target : target.slice(0, queryStart));
+  const path = JSON.stringify(pathOf(target));
   const duration = Math.round((performance.now() - startedAt) * 100) / 100;
   writeLine(`{"time":"${isoNow()}","level":"info","msg":"request","method":"${method}","path":${path},"status":${status},"duration_ms":${duration}}\n`);
+}
+
+// ---------------------------------------------------------------- WebSocket relay
+
+/**
+ * Handshake headers that belong to each hop (RFC 6455 section 4): the
+ * proxy's own client negotiates its key, version and extensions with the
+ * upstream, and the subprotocols go through the client's `protocols`.
+ */
+const WEBSOCKET_HANDSHAKE_HEADERS = ["sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol", "sec-websocket-accept"];
+
+/**
+ * Credentials a WebSocket client may carry where a browser lets it: the
+ * openai SDK's browser client sends `api-key` (or `Authorization`) as a
+ * query parameter and OpenAI keys as an `openai-insecure-api-key.<key>`
+ * subprotocol. The proxy's bearer token replaces them; they never reach the upstream.
+ */
+const CREDENTIAL_QUERY_PARAMETERS = ["api-key", "authorization"];
+const INSECURE_KEY_SUBPROTOCOL = "openai-insecure-api-key.";
+
+/** A client frame larger than this closes its session with 1009; realtime audio frames are far smaller. */
+const MAX_WEBSOCKET_FRAME_BYTES = 64 * 1024 * 1024;
+/** Past this, the upstream socket's unsent bytes stop the proxy reading its client until they drain below the low mark. */
+const UPSTREAM_HIGH_WATER_BYTES = 1024 * 1024;
+const UPSTREAM_LOW_WATER_BYTES = 256 * 1024;
+const UPSTREAM_DRAIN_POLL_MS = 5;
+/**
+ * Bun pings a silent client shortly before this and keeps the session while
+ * it answers: a voice session may be silent for minutes, a vanished peer is
+ * still found.
+ */
+export const WEBSOCKET_PING_SECONDS = 60;
+
+export function isWebSocketUpgrade(headers: Headers): boolean {
+  const upgrade = headers.get("upgrade");
+  return upgrade !== null && upgrade.toLowerCase().includes("websocket");
+}
+
+/** `ws:`/`wss:` from API_BASE_URL's scheme, with the same prefix rule as HTTP forwarding. */
+export function websocketBaseUrl(apiBaseUrl: string): string {
+  return apiBaseUrl.startsWith("https:") ? `wss:${apiBaseUrl.slice(6)}` : `ws:${apiBaseUrl.slice(5)}`;
+}
+
+/**
+ * fetch follows HTTPS_PROXY/HTTP_PROXY and NO_PROXY, but Bun's WebSocket
+ * client ignores them (measured on 1.4.5), so the relay is given the same
+ * choice explicitly: curl's rules, with NO_PROXY entries matching the host
+ * or a domain suffix, an optional port, and `*` for every host.
+ */
+export function websocketProxyFor(apiBaseUrl: string, env: Environment): string | undefined {
+  const url = new URL(apiBaseUrl);
+  const proxy = url.protocol === "https:" ? env.HTTPS_PROXY || env.https_proxy : env.HTTP_PROXY || env.http_proxy;
+  if (!proxy) return undefined;
+  const host = url.hostname.replace(/^\[|\]$/g, "").toLowerCase();
+  const port = url.port || (url.protocol === "https:" ? "443" : "80");
+  for (const raw of (env.NO_PROXY || env.no_proxy || "").split(",")) {
+    const entry = raw.trim().toLowerCase();
+    if (entry === "*") return undefined;
+    const [, name = "", entryPort] = /^\[?([^\]]*?)\]?(?::(\d+))?$/.exec(entry) ?? [];
+    if (!name || (entryPort && entryPort !== port)) continue;
+    const domain = name.replace(/^\*?\./, "");
+    if (host === domain || host.endsWith(`.${domain}`)) return undefined;
+  }
+  return proxy;
+}
+
+/** The request target without credential query parameters; every other byte of the query stays as sent. */
+export function withoutCredentialParameters(target: string): string {
+  const queryStart = target.indexOf("?");
+  if (queryStart === -1) return target;
+  const kept = target
+    .slice(queryStart + 1)
+    .split("&")
+    .filter((parameter) => !CREDENTIAL_QUERY_PARAMETERS.includes(queryParameterName(parameter)));
+  return target.slice(0, queryStart) + (kept.length > 0 ? `?${kept.join("&")}` : "");
+}
+
+function queryParameterName(parameter: string): string {
+  const equals = parameter.indexOf("=");
+  const raw = (equals === -1 ? parameter : parameter.slice(0, equals)).replace(/\+/g, " ");
+  try {
+    return decodeURIComponent(raw).toLowerCase();
+  } catch {
+    return raw.toLowerCase();
+  }
+}
+
+/** The client's offered subprotocols, in order, minus any that carries a key. */
+export function upstreamSubprotocols(offered: string | null): string[] {
+  if (offered === null) return [];
+  return offered
+    .split(",")
+    .map((protocol) => protocol.trim())
+    .filter((protocol) => protocol !== "" && !protocol.startsWith(INSECURE_KEY_SUBPROTOCOL));
+}
+
+/** The client's end-to-end headers for the upstream handshake, with the bearer token in place of any client credential. */
+export function upstreamHandshakeHeaders(clientHeaders: Headers, authorization: string): Headers {
+  const headers = new Headers(clientHeaders);
+  rewriteRequestHeaders(headers, authorization);
+  for (const name of WEBSOCKET_HANDSHAKE_HEADERS) headers.delete(name);
+  return headers;
+}
+
+/** Close codes an endpoint may send (RFC 6455 section 7.4); 1005 and 1006 only describe what was received. */
+function isSendableCloseCode(code: number): boolean {
+  return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) || (code >= 3000 && code <= 4999);
+}
+
+type Frame = string | Buffer;
+
+/** One relayed session: both sockets and its counts, as plain fields. */
+export interface RelaySession {
+  path: string;
+  upstream: WebSocket;
+  /** Set when the client's upgrade completes; upstream frames wait in `queued` until then. */
+  client: ServerWebSocket<RelaySession> | undefined;
+  queued: Frame[];
+  startedAt: number;
+  framesFromClient: number;
+  bytesFromClient: number;
+  framesFromUpstream: number;
+  bytesFromUpstream: number;
+  closedBy: "client" | "upstream" | "proxy" | undefined;
+  closeCode: number;
+  closeReason: string;
+  resumePoll: ReturnType<typeof setInterval> | undefined;
+  ended: boolean;
+}
+
+type ServerWebSocket<T> = import("bun").ServerWebSocket<T>;
+
+interface Relay {
+  sessions: Set<RelaySession>;
+  /** Called when the last session ends, for the drain. */
+  onIdle: (() => void) | undefined;
+}
+
+function frameBytes(frame: Frame): number {
+  return typeof frame === "string" ? Buffer.byteLength(frame) : frame.byteLength;
+}
+
+/**
+ * The handshake comes first, as in Go's ReverseProxy: the client's upgrade
+ * is accepted only once the upstream's succeeded, so the client sees the
+ * upstream's real refusal (401, 404, 429...) as an HTTP status rather than
+ * a socket that opens and closes.
+ */
+async function relayWebSocket(
+  req: Request,
+  server: import("bun").Server<RelaySession>,
+  target: string,
+  authorization: string,
+  upstream: Upstream,
+  relay: Relay,
+): Promise<Response | undefined> {
+  const startedAt = performance.now();
+  if (req.method !== "GET" || !req.headers.has("sec-websocket-key") || req.headers.get("sec-websocket-version") !== "13") {
+    accessLog(req.method, target, 400, startedAt);
+    return proxyError(400, "bad_websocket_handshake", "a WebSocket upgrade needs GET with Sec-WebSocket-Key and Sec-WebSocket-Version: 13");
+  }
+  const socket = new WebSocket(upstream.websocketBaseUrl + withoutCredentialParameters(target), {
+    headers: upstreamHandshakeHeaders(req.headers, authorization),
+    protocols: upstreamSubprotocols(req.headers.get("sec-websocket-protocol")),
+    // Each hop negotiates its own extensions; compressing here would cost CPU on every audio frame.
+    perMessageDeflate: false,
+    proxy: upstream.websocketProxy,
+  });
+  socket.binaryType = "nodebuffer";
+  const session: RelaySession = {
+    path: pathOf(target),
+    upstream: socket,
+    client: undefined,
+    queued: [],
+    startedAt,
+    framesFromClient: 0,
+    bytesFromClient: 0,
+    framesFromUpstream: 0,
+    bytesFromUpstream: 0,
+    closedBy: undefined,
+    closeCode: 0,
+    closeReason: "",
+    resumePoll: undefined,
+    ended: false,
+  };
+  socket.onmessage = (event) => relayToClient(session, event.data as Frame);
+  socket.onclose = (event) => upstreamClosed(session, event.code, event.reason, relay);
+
+  const failure = await upstreamHandshake(socket, req.signal);
+  if (failure !== undefined) return refusedHandshake(req, target, failure, startedAt, upstream);
+
+  const protocol = socket.protocol;
+  // Without an explicit header Bun answers with the client's first offer, not the upstream's choice.
+  if (!server.upgrade(req, { data: session, headers: protocol ? { "sec-websocket-protocol": protocol } : undefined })) {
+    socket.close(1001, "client went away");
+    return undefined;
+  }
+  relay.sessions.add(session);
+  return undefined;
+}
+
+/** Resolves undefined once the upstream accepted, or with why it did not. */
+function upstreamHandshake(socket: WebSocket, clientGone: AbortSignal): Promise<string | undefined> {
+  return new Promise((resolve) => {
+    const abandon = () => {
+      socket.terminate();
+      resolve("client went away during the handshake");
+    };
+    clientGone.addEventListener("abort", abandon, { once: true });
+    socket.onopen = () => {
+      clientGone.removeEventListener("abort", abandon);
+      resolve(undefined);
+    };
+    socket.onerror = (event) => {
+      clientGone.removeEventListener("abort", abandon);
+      resolve((event as ErrorEvent).message || "connection failed");
+    };
+  });
+}
+
+/**
+ * Bun's WebSocket client reports a refused handshake only as "Expected 101
+ * status code: 401" (the body is not available), so the client gets that
+ * status with an OpenAI-shaped body naming it.
+ */
+function refusedHandshake(req: Request, target: string, failure: string, startedAt: number, upstream: Upstream): Response {
+  if (req.signal.aborted) {
+    accessLog(req.method, target, 499, startedAt);
+    return new Response(null, { status: 499 });
+  }
+  const status = Number(/Expected 101 status code: (\d{3})/.exec(failure)?.[1] ?? 0);
+  if (status >= 400 && status <= 599) {
+    if (status === 401) upstream.tokens.refreshAfterUnauthorized();
+    accessLog(req.method, target, status, startedAt);
+    return proxyError(status, "upstream_refused_websocket", `the upstream refused the WebSocket handshake with HTTP ${status}`);
+  }
+  const reason = failure.replace(/^WebSocket connection to '[^']*' failed: /, "");
+  log("warn", "upstream unreachable", { upstream: upstream.origin, error: reason });
+  accessLog(req.method, target, 502, startedAt);
+  return proxyError(502, "upstream_unreachable", `auth-proxy could not open a WebSocket to ${upstream.origin}: ${reason}`);
+}
+
+function clientOpened(client: ServerWebSocket<RelaySession>): void {
+  const session = client.data;
+  session.client = client;
+  for (const frame of session.queued) client.send(frame);
+  session.queued = [];
+  if (session.closedBy === "upstream") closeClient(client, session.closeCode, session.closeReason);
+}
+
+/** Upstream to client: when the client's socket backs up, stop reading the upstream until Bun calls `drain`. */
+function relayToClient(session: RelaySession, frame: Frame): void {
+  session.framesFromUpstream += 1;
+  session.bytesFromUpstream += frameBytes(frame);
+  const client = session.client;
+  if (client === undefined) {
+    session.queued.push(frame);
+    return;
+  }
+  const sent = client.send(frame);
+  if (sent === -1) session.upstream.pause();
+  else if (sent === 0 && client.readyState === 1) closeBoth(session, 1011, "client is not reading");
+}
+
+function clientDrained(client: ServerWebSocket<RelaySession>): void {
+  client.data.upstream.resume();
+}
+
+/**
+ * Client to upstream. Bun's client WebSocket has no drain event, so when
+ * its unsent bytes pass the high mark the client is paused and the buffer
+ * polled until it falls below the low mark.
+ */
+function relayToUpstream(client: ServerWebSocket<RelaySession>, frame: Frame): void {
+  const session = client.data;
+  session.framesFromClient += 1;
+  session.bytesFromClient += frameBytes(frame);
+  const upstream = session.upstream;
+  upstream.send(frame);
+  if (upstream.bufferedAmount > UPSTREAM_HIGH_WATER_BYTES && session.resumePoll === undefined) {
+    client.pause();
+    session.resumePoll = setInterval(() => {
+      if (upstream.bufferedAmount > UPSTREAM_LOW_WATER_BYTES && upstream.readyState === WebSocket.OPEN) return;
+      clearInterval(session.resumePoll);
+      session.resumePoll = undefined;
+      client.resume();
+    }, UPSTREAM_DRAIN_POLL_MS);
+  }
+}
+
+function clientClosed(client: ServerWebSocket<RelaySession>, code: number, reason: string, relay: Relay): void {
+  const session = client.data;
+  if (session.closedBy === undefined) {
+    session.closedBy = "client";
+    session.closeCode = code;
+    session.closeReason = reason;
+    const upstream = session.upstream;
+    if (upstream.readyState === WebSocket.OPEN || upstream.readyState === WebSocket.CONNECTING) {
+      // An abrupt drop (1006) becomes 1011 for the other side: something went wrong, not a normal end.
+      if (isSendableCloseCode(code)) upstream.close(code, reason);
+      else if (code === 1005) upstream.close();
+      else upstream.close(1011, "client connection lost");
+    }
+  }
+  endSession(session, relay);
+}
+
+function upstreamClosed(session: RelaySession, code: number, reason: string, relay: Relay): void {
+  if (session.closedBy === undefined) {
+    session.closedBy = "upstream";
+    session.closeCode = code;
+    session.closeReason = reason;
+    if (session.client !== undefined) closeClient(session.client, code, reason);
+  }
+  // Before the client's upgrade completed there is no session to end; clientOpened passes the close on.
+  if (session.client !== undefined) endSession(session, relay);
+}
+
+function closeClient(client: ServerWebSocket<RelaySession>, code: number, reason: string): void {
+  if (client.readyState !== 1) return;
+  if (isSendableCloseCode(code)) client.close(code, reason);
+  else if (code === 1005) client.close();
+  else client.close(1011, "upstream connection lost");
+}
+
+/** The proxy ends a session itself: shutdown (1001) or a client that stopped reading (1011). */
+function closeBoth(session: RelaySession, code: number, reason: string): void {
+  if (session.closedBy === undefined) {
+    session.closedBy = "proxy";
+    session.closeCode = code;
+    session.closeReason = reason;
+  }
+  if (session.client !== undefined) closeClient(session.client, code, reason);
+  if (session.upstream.readyState === WebSocket.OPEN || session.upstream.readyState === WebSocket.CONNECTING) session.upstream.close(code, reason);
+}
+
+/** One line per session, written when it ends, and the drain told when the last one has. */
+function endSession(session: RelaySession, relay: Relay): void {
+  if (session.ended) return;
+  session.ended = true;
+  clearInterval(session.resumePoll);
+  relay.sessions.delete(session);
+  log("info", "websocket session", {
+    path: session.path,
+    upstream_status: 101,
+    closed_by: session.closedBy,
+    close_code: session.closeCode,
+    close_reason: session.closeReason || undefined,
+    duration_ms: Math.round(performance.now() - session.startedAt),
+    frames_from_client: session.framesFromClient,
+    bytes_from_client: session.bytesFromClient,
+    frames_from_upstream: session.framesFromUpstream,
+    bytes_from_upstream: session.bytesFromUpstream,
+  });
+  if (relay.sessions.size === 0) relay.onIdle?.();
 }
 
 // ---------------------------------------------------------------- server and lifecycle
@@ -740,7 +1104,14 @@ export interface RunningProxy {
 
 export function startProxy(config: Config, credential: Credential): RunningProxy {
   const tokens = new TokenManager(config, credential);
-  const upstream: Upstream = { apiBaseUrl: config.apiBaseUrl, origin: config.upstreamOrigin, tokens };
+  const upstream: Upstream = {
+    apiBaseUrl: config.apiBaseUrl,
+    websocketBaseUrl: websocketBaseUrl(config.apiBaseUrl),
+    websocketProxy: websocketProxyFor(config.apiBaseUrl, process.env),
+    origin: config.upstreamOrigin,
+    tokens,
+  };
+  const relay: Relay = { sessions: new Set(), onIdle: undefined };
   let draining = false;
 
   function health(method: string): Response {
@@ -754,7 +1125,7 @@ export function startProxy(config: Config, credential: Credential): RunningProxy
     return new Response(method === "HEAD" ? null : '{"status":"ok"}', { headers: JSON_HEADERS });
   }
 
-  const server = Bun.serve({
+  const server = Bun.serve<RelaySession>({
     hostname: config.host,
     port: config.port,
     idleTimeout: KEEP_ALIVE_IDLE_SECONDS,
@@ -778,8 +1149,22 @@ export function startProxy(config: Config, credential: Credential): RunningProxy
           "retry-after": String(tokens.retryAfterSeconds(now)),
         });
       }
+      if (isWebSocketUpgrade(req.headers)) return relayWebSocket(req, server, target, token.authorization, upstream, relay);
       server.timeout(req, 0);
       return forward(req, target, token.authorization, upstream);
+    },
+    websocket: {
+      data: {} as RelaySession,
+      maxPayloadLength: MAX_WEBSOCKET_FRAME_BYTES,
+      // The upstream is paused at the first sign of back-pressure; this only bounds frames already read.
+      backpressureLimit: MAX_WEBSOCKET_FRAME_BYTES,
+      idleTimeout: WEBSOCKET_PING_SECONDS,
+      sendPings: true,
+      perMessageDeflate: false,
+      open: clientOpened,
+      message: relayToUpstream,
+      drain: clientDrained,
+      close: (client, code, reason) => clientClosed(client, code, reason, relay),
     },
     error(error) {
       log("error", "request failed inside the proxy", { error: errorMessage(error) });
@@ -793,12 +1178,21 @@ export function startProxy(config: Config, credential: Credential): RunningProxy
     log("info", "shutting down", { signal, shutdown_timeout_s: config.shutdownTimeoutMs / SECOND });
     tokens.stop();
     // server.stop() waits for in-flight requests but has hung on idle
-    // keep-alive sockets (oven-sh/bun#37074): race it against the deadline.
-    const drained = server.stop(false).then(() => true);
+    // keep-alive sockets (oven-sh/bun#37074) and never ends open WebSockets:
+    // sessions are waited for here, and both are raced against the deadline.
+    const sessionsEnded = new Promise<void>((resolve) => {
+      relay.onIdle = resolve;
+      if (relay.sessions.size === 0) resolve();
+    });
+    const drained = Promise.all([server.stop(false), sessionsEnded]).then(() => true);
     const deadline = new Promise<false>((resolve) => setTimeout(resolve, config.shutdownTimeoutMs, false));
     const clean = await Promise.race([drained, deadline]);
     if (!clean) {
-      log("warn", "shutdown timeout reached; closing open requests", { pending_requests: server.pendingRequests });
+      log("warn", "shutdown timeout reached; closing open requests", {
+        pending_requests: server.pendingRequests,
+        open_websocket_sessions: relay.sessions.size,
+      });
+      for (const session of relay.sessions) closeBoth(session, 1001, "going away");
       // stop(true) has never resolved while a handler awaited its upstream (oven-sh/bun#40043): bound it too.
       await Promise.race([server.stop(true), Bun.sleep(FORCED_STOP_GRACE_MS)]);
     }
@@ -839,7 +1233,8 @@ Environment only:
   SHUTDOWN_TIMEOUT                     seconds to let requests finish on SIGTERM (25)
   NODE_EXTRA_CA_CERTS, HTTPS_PROXY, NO_PROXY  as usual
 
-Endpoints: /health (200 with a valid token, else 503), /live; everything else is forwarded.
+Endpoints: /health (200 with a valid token, else 503), /live; everything else is forwarded,
+WebSocket upgrades (the Realtime API) relayed with the token in the upstream handshake.
 `;
 
 const FLAG_SPEC = {

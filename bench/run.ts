@@ -73,6 +73,12 @@ function wrk(url: string, connections: number, script?: string): { p50: number; 
   return { p50: toMs(p50[1]!, p50[2]!), rps: Number(/Requests\/sec:\s+([\d.]+)/.exec(output)![1]), bytesPerSecond: Number(transfer[1]) * scale };
 }
 
+/** WebSocket echo round trips from the client CPU: median round trip (ms) and frames relayed per second. */
+function websocketLoad(url: string, sessions: number): { p50: number; framesPerSecond: number } {
+  const output = execFileSync("taskset", ["-c", CLIENT_CPU, BUN, join(ROOT, "bench/ws-client.ts"), url, String(sessions), String(SECONDS)]).toString();
+  return JSON.parse(output) as { p50: number; framesPerSecond: number };
+}
+
 function sse(url: string, concurrency: number, rounds: number): { ttfb: number; total: number } {
   const output = execFileSync("taskset", ["-c", CLIENT_CPU, BUN, join(ROOT, "bench/sse-client.ts"), url, String(concurrency), String(rounds)]).toString();
   const { ttfb, total } = JSON.parse(output) as { ttfb: number[]; total: number[] };
@@ -148,6 +154,11 @@ const targets: Record<string, string> = {
 };
 type Sample = { post1: number; rps64: number; sse1Ttfb: number; sse1Total: number; sse64Ttfb: number; sse64Total: number; mbps: number };
 const samples: Record<string, Sample[]> = Object.fromEntries(Object.keys(targets).map((name) => [name, []]));
+/** The bare passthrough has no WebSocket relay: its column stays empty in these rows. */
+const websocketTargets = ["direct", "nginx", "auth-proxy"];
+type WebSocketSample = { rtt1: number; rtt64: number; fps64: number };
+const websocketSamples: Record<string, WebSocketSample[]> = Object.fromEntries(websocketTargets.map((name) => [name, []]));
+const REALTIME_PATH = "/openai/v1/realtime?model=gpt-realtime";
 
 // ---------------------------------------------------------------- load
 
@@ -162,6 +173,12 @@ for (let round = 0; round < ROUNDS; round++) {
     const sse1 = sse(`${base}/sse`, 1, 5);
     const sse64 = sse(`${base}/sse`, 64, 2);
     const mb = wrk(`${base}/1mb`, 8);
+    if (websocketTargets.includes(name)) {
+      const wsUrl = base.replace("http:", "ws:") + REALTIME_PATH;
+      const one = websocketLoad(wsUrl, 1);
+      const many = websocketLoad(wsUrl, 64);
+      websocketSamples[name]!.push({ rtt1: one.p50, rtt64: many.p50, fps64: many.framesPerSecond });
+    }
     samples[name]!.push({ post1: post1.p50, rps64: post64.rps, sse1Ttfb: sse1.ttfb, sse1Total: sse1.total, sse64Ttfb: sse64.ttfb, sse64Total: sse64.total, mbps: mb.bytesPerSecond / 1024 ** 2 });
     console.error(`round ${round + 1}/${ROUNDS} ${name}: p50 ${post1.p50} ms, ${Math.round(post64.rps)} req/s at c=64`);
   }
@@ -225,6 +242,10 @@ const m = (name: string, key: keyof Sample) => median(samples[name]!.map((sample
 const mb = (kib: number) => round2(kib / 1024);
 const row = (label: string, key: keyof Sample, digits = 2) =>
   `| ${label} | ${names.map((name) => (digits === 0 ? Math.round(m(name, key)).toLocaleString("en-US") : m(name, key).toFixed(digits))).join(" | ")} |`;
+const wsMedian = (name: string, key: keyof WebSocketSample) => median(websocketSamples[name]!.map((sample) => sample[key]));
+const wsRow = (label: string, key: keyof WebSocketSample, digits: number) =>
+  `| ${label} | ${names.map((name) => (websocketTargets.includes(name) ? (digits === 0 ? Math.round(wsMedian(name, key)).toLocaleString("en-US") : wsMedian(name, key).toFixed(digits)) : "–")).join(" | ")} |`;
+const wsAdded = wsMedian("auth-proxy", "rtt1") - wsMedian("direct", "rtt1");
 const added = (key: keyof Sample) => m("auth-proxy", key) - m("direct", key);
 const verdict = (ok: boolean) => (ok ? "met" : "**not met**");
 
@@ -235,6 +256,7 @@ const checks = [
   [`Throughput at c=64 ≥ 0.75 × nginx`, `${(m("auth-proxy", "rps64") / m("nginx", "rps64")).toFixed(2)} × nginx (Bun floor ${(m("Bun floor", "rps64") / m("nginx", "rps64")).toFixed(2)} ×)`, m("auth-proxy", "rps64") / m("nginx", "rps64") >= 0.75],
   [`SSE time to first byte ≤ direct + 1 ms (c=1 / c=64)`, `+${added("sse1Ttfb").toFixed(2)} / +${added("sse64Ttfb").toFixed(2)} ms`, added("sse1Ttfb") <= 1 && added("sse64Ttfb") <= 1],
   [`SSE total time within 2 % of direct at c=64`, `${((m("auth-proxy", "sse64Total") / m("direct", "sse64Total") - 1) * 100).toFixed(2)} %`, m("auth-proxy", "sse64Total") / m("direct", "sse64Total") <= 1.02],
+  [`WebSocket round trip p50 at 1 session ≤ direct + 0.3 ms`, `+${wsAdded.toFixed(3)} ms (nginx +${(wsMedian("nginx", "rtt1") - wsMedian("direct", "rtt1")).toFixed(3)} ms); 64 sessions: ${(wsMedian("auth-proxy", "fps64") / wsMedian("nginx", "fps64")).toFixed(2)} × nginx's frames/s`, wsAdded <= 0.3],
   [`Idle RSS ≤ 40 MB (compiled, MSAL loaded)`, `${mb(idleRss)} MB (compiled Bun floor, no MSAL: ${mb(floorIdleRss)} MB)`, idleRss <= 40 * 1024],
   [`Peak RSS after the c=64 run ≤ 64 MB`, `${mb(peakAfterLoad)} MB (compiled Bun floor: ${mb(floorPeakAfterLoad)} MB; auth-proxy after every load above, 1 MB bodies included: ${mb(peakAfterAllLoads)} MB)`, peakAfterLoad <= 64 * 1024],
   [`Peak RSS with 1,000 concurrent streams ≤ 150 MB`, `${mb(peakWithStreams)} MB (${held.complete}/${held.opened} streams complete)`, peakWithStreams <= 150 * 1024 && held.complete === held.opened],
@@ -256,6 +278,9 @@ const table = [
   row("SSE c=64: time to first byte (ms)", "sse64Ttfb"),
   row("SSE c=64: total (ms)", "sse64Total"),
   row("1 MB GET, c=8: MB/s", "mbps", 0),
+  wsRow("WebSocket echo, 1 session: round trip p50 (ms)", "rtt1", 3),
+  wsRow("WebSocket echo, 64 sessions: round trip p50 (ms)", "rtt64", 3),
+  wsRow("WebSocket echo, 64 sessions: frames/s (both ways)", "fps64", 0),
   "",
   "| Target | Measured | |",
   "|---|---|---|",

@@ -1,7 +1,8 @@
 /**
  * The benchmark's upstream: a fast fake Azure OpenAI. POST answers a ~1 KB
  * chat completion; /sse streams 50 events 5 ms apart; /slow-sse 20 events
- * 500 ms apart (for the 1,000-stream memory run); /1mb a 1 MB body.
+ * 500 ms apart (for the 1,000-stream memory run); /1mb a 1 MB body; a
+ * WebSocket upgrade on any path echoes every frame.
  * Usage: bun bench/upstream.ts <port>
  */
 const port = Number(process.argv[2] ?? 9000);
@@ -38,7 +39,8 @@ Bun.serve({
   hostname: "127.0.0.1",
   port,
   idleTimeout: 0,
-  async fetch(req) {
+  async fetch(req, server) {
+    if (req.headers.get("upgrade") === "websocket" && server.upgrade(req, { data: undefined })) return undefined;
     const url = req.url;
     if (req.method === "POST") {
       await req.arrayBuffer();
@@ -48,5 +50,11 @@ Bun.serve({
     if (url.endsWith("/sse")) return eventStream(50, 5);
     if (url.endsWith("/1mb")) return new Response(oneMegabyte);
     return new Response("ok");
+  },
+  websocket: {
+    idleTimeout: 0,
+    message(ws, message) {
+      ws.send(message);
+    },
   },
 });

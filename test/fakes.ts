@@ -430,3 +430,152 @@ export class FakeAzureOpenAI {
     }
   }
 }
+
+// ---------------------------------------------------------------- Azure OpenAI over WebSocket
+
+export interface RecordedHandshake {
+  /** Path and query exactly as received. */
+  target: string;
+  headers: Record<string, string>;
+  /** Subprotocols the client offered, in order. */
+  protocols: string[];
+  tokenValid: boolean;
+}
+
+export interface UpstreamSession {
+  handshake: RecordedHandshake;
+  closeCode?: number;
+  closeReason?: string;
+  closedAtMs?: number;
+  /** Frames received from the proxy, in order (commands excluded). */
+  received: (string | Buffer)[];
+}
+
+type FakeSocket = import("bun").ServerWebSocket<UpstreamSession>;
+
+/**
+ * The Realtime API's and the Responses API's WebSocket endpoints: the
+ * handshake is accepted only with a bearer token the fake Entra ID issued
+ * (401 JSON otherwise, as Azure answers), and recorded. On open it sends
+ * `session.created` as Azure does; it answers `session.update` with
+ * `session.updated`, echoes every other frame as it came (text as text,
+ * binary as binary), and obeys commands, text frames starting `cmd:`:
+ * `{"close":[code,reason]}`, `{"terminate":true}`, `{"send":[sizes...]}`
+ * (binary frames of those sizes, byte i = i % 251) and `{"flood":bytes}`
+ * (64 KiB binary frames, waiting for drain under back-pressure).
+ */
+export class FakeRealtime {
+  readonly sessions: UpstreamSession[] = [];
+  /** Handshakes refused, with their status. */
+  readonly refused: { target: string; status: number }[] = [];
+  /** Every open socket, so a test can end them from outside. */
+  readonly open = new Set<FakeSocket>();
+  private server: ReturnType<typeof Bun.serve<UpstreamSession>> | undefined;
+  private readonly floods = new Map<FakeSocket, () => void>();
+
+  constructor(
+    private readonly entra: FakeEntraId | undefined,
+    private readonly tls?: { cert: string; key: string },
+  ) {}
+
+  start(): this {
+    this.server = Bun.serve<UpstreamSession>({
+      hostname: "127.0.0.1",
+      port: 0,
+      tls: this.tls,
+      idleTimeout: 0,
+      fetch: (req, server) => this.handshake(req, server),
+      websocket: {
+        idleTimeout: 0,
+        maxPayloadLength: 64 * 1024 * 1024,
+        backpressureLimit: 64 * 1024 * 1024,
+        open: (ws) => {
+          this.open.add(ws);
+          ws.send(JSON.stringify({ type: "session.created", event_id: "event_1", session: { id: "sess_fake", object: "realtime.session" } }));
+        },
+        message: (ws, message) => this.message(ws, message),
+        drain: (ws) => this.floods.get(ws)?.(),
+        close: (ws, code, reason) => {
+          this.open.delete(ws);
+          this.floods.delete(ws);
+          Object.assign(ws.data, { closeCode: code, closeReason: reason, closedAtMs: Date.now() });
+        },
+      },
+    });
+    return this;
+  }
+
+  stop(): void {
+    this.server?.stop(true);
+  }
+
+  get url(): string {
+    return `${this.tls ? "https" : "http"}://127.0.0.1:${this.server!.port}`;
+  }
+
+  private handshake(req: Request, server: import("bun").Server<UpstreamSession>): Response | undefined {
+    const url = new URL(req.url);
+    const target = url.pathname + url.search;
+    const bearer = /^Bearer (.+)$/.exec(req.headers.get("authorization") ?? "")?.[1];
+    const tokenValid = bearer !== undefined && (this.entra?.isValid(bearer) ?? true);
+    const forced = Number(url.searchParams.get("refuse") ?? 0);
+    if (!tokenValid || forced) {
+      const status = forced || 401;
+      this.refused.push({ target, status });
+      return Response.json({ error: { code: String(status), message: status === 401 ? "Unauthorized. Access token is missing, invalid, audience is incorrect, or have expired." : `refused with ${status}` } }, { status });
+    }
+    const protocols = (req.headers.get("sec-websocket-protocol") ?? "").split(",").map((p) => p.trim()).filter(Boolean);
+    const session: UpstreamSession = {
+      handshake: { target, headers: Object.fromEntries(req.headers), protocols, tokenValid },
+      received: [],
+    };
+    this.sessions.push(session);
+    // Pick the last offer, so a relay that answers with the client's first offer is caught.
+    const chosen = protocols.at(-1);
+    if (server.upgrade(req, { data: session, headers: chosen ? { "sec-websocket-protocol": chosen } : undefined })) return undefined;
+    return new Response("upgrade failed", { status: 400 });
+  }
+
+  private message(ws: FakeSocket, message: string | Buffer): void {
+    if (typeof message === "string" && message.startsWith("cmd:")) return this.command(ws, JSON.parse(message.slice(4)));
+    ws.data.received.push(message);
+    if (typeof message === "string" && message.startsWith('{"type":"session.update"')) {
+      const event = JSON.parse(message) as { session?: unknown };
+      ws.send(JSON.stringify({ type: "session.updated", event_id: "event_2", session: event.session }));
+      return;
+    }
+    ws.send(message);
+  }
+
+  private command(ws: FakeSocket, command: { close?: [number, string]; terminate?: boolean; send?: number[]; flood?: number }): void {
+    if (command.close) ws.close(...command.close);
+    if (command.terminate) ws.terminate();
+    for (const size of command.send ?? []) ws.send(patternBytes(size));
+    if (command.flood) this.flood(ws, command.flood);
+  }
+
+  /** Sends `total` bytes in 64 KiB frames, pausing for drain as a well-behaved server does. */
+  private flood(ws: FakeSocket, total: number): void {
+    const frame = patternBytes(64 * 1024);
+    let left = total;
+    const pump = () => {
+      while (left > 0) {
+        const status = ws.send(left >= frame.length ? frame : frame.subarray(0, left));
+        if (status === 0) return; // closed or dropped
+        left -= Math.min(left, frame.length);
+        if (status === -1) return; // resumes on drain
+      }
+      this.floods.delete(ws);
+      ws.send("cmd-done:flood");
+    };
+    this.floods.set(ws, pump);
+    pump();
+  }
+}
+
+/** Bytes whose value depends on their offset, so a reordered or truncated frame is caught. */
+export function patternBytes(size: number, seed = 0): Buffer {
+  const bytes = Buffer.allocUnsafe(size);
+  for (let index = 0; index < size; index++) bytes[index] = (index + seed) % 251;
+  return bytes;
+}
