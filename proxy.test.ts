@@ -16,6 +16,8 @@ import {
   backoffDelay,
   describeTokenError,
   KEEP_ALIVE_IDLE_SECONDS,
+  MAX_TOKEN_LIFETIME_MS,
+  MIN_TOKEN_REQUEST_INTERVAL_MS,
   WEBSOCKET_PING_SECONDS,
   loadConfig,
   parseCredential,
@@ -28,9 +30,9 @@ import {
   withoutCredentialParameters,
 } from "./proxy.ts";
 import { CertificateFactory, type ClientCertificate } from "./test/certificates.ts";
-import { FakeAzureOpenAI, FakeEntraId, FakeRealtime, patternBytes } from "./test/fakes.ts";
+import { type AppRegistration, FakeAzureOpenAI, FakeEntraId, FakeRealtime, patternBytes } from "./test/fakes.ts";
 import { allOutput, freePort, ROOT, spawnProxy, startProxy, stopAllProxies, type ProxyProcess } from "./test/harness.ts";
-import { openStream, rawRequest, startConnectProxy } from "./test/http.ts";
+import { idleCloseAfterResponse, openStream, rawRequest, startConnectProxy } from "./test/http.ts";
 import { rawUpgrade, TestSocket } from "./test/websocket.ts";
 
 const CLIENT_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
@@ -91,6 +93,14 @@ let longSilences: Promise<[string, string]>;
 const SILENT_SESSION_MS = (WEBSOCKET_PING_SECONDS + 10) * 1000;
 let silentSession: Promise<string | Buffer | undefined>;
 let realtime: FakeRealtime;
+/**
+ * Keep-alive connections left idle after a forwarded request: a small JSON
+ * answer, an SSE stream, and a request whose upstream took longer than the
+ * lift of the idle timer. Each must be closed about KEEP_ALIVE_IDLE_SECONDS
+ * after its response, not kept open for good.
+ */
+const KEEP_ALIVE_WAIT_MS = (KEEP_ALIVE_IDLE_SECONDS + 15) * 1000;
+let idleConnections: Promise<{ closedAfterMs: number | undefined; response: string }[]>;
 
 beforeAll(async () => {
   tls = certs.serverTls();
@@ -103,6 +113,10 @@ beforeAll(async () => {
   const read = (path: string) => fetch(`${proxy.url}${path}`).then((response) => response.text());
   longSilences = Promise.all([read(`/test/silent?ms=${LONG_SILENCE_MS}`), read(`/test/silent-stream?ms=${LONG_SILENCE_MS}`)]);
   longSilences.catch(() => {}); // a filtered run (bun test -t) ends before they do
+  const idle = (target: string, count: number) =>
+    Array.from({ length: count }, () => idleCloseAfterResponse(proxy.port, `GET ${target} HTTP/1.1\r\nHost: localhost\r\n\r\n`, KEEP_ALIVE_WAIT_MS + 40_000));
+  idleConnections = Promise.all([...idle("/openai/models", 20), ...idle("/test/sse?events=3", 20), ...idle("/test/silent?ms=32000", 2), ...idle("/live", 5)]);
+  idleConnections.catch(() => {});
   realtime = new FakeRealtime(entra).start();
   const websocketProxy = await startProxy(baseEnv({ API_BASE_URL: realtime.url }));
   await websocketProxy.waitForHealth();
@@ -250,6 +264,9 @@ describe("Startup", () => {
     ["a key that does not match the certificate", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.write("mismatch.pem", appCertificate.certificatePem + certs.client("other").privateKeyPem) }), [/the private key in AZURE_CERTIFICATE_PATH=\S+mismatch\.pem does not belong to its certificate \(CN=app/]],
     ["an encrypted key without a password", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.write("enc-nopass.pem", appCertificate.certificatePem + certs.encrypted("app", PASSWORD)) }), ["holds an encrypted private key; set AZURE_CERTIFICATE_PASSWORD"]],
     ["a wrong password", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.write("enc-wrong.pem", appCertificate.certificatePem + certs.encrypted("app", PASSWORD)), AZURE_CERTIFICATE_PASSWORD: "wrong password" }), [/AZURE_CERTIFICATE_PASSWORD does not decrypt the private key in \S+enc-wrong\.pem/]],
+    ["both PROXY_API_KEYS and PROXY_API_KEYS_FILE", () => baseEnv({ PROXY_API_KEYS: "a", PROXY_API_KEYS_FILE: certs.write("keys-both.txt", "b\n") }), ["set PROXY_API_KEYS or PROXY_API_KEYS_FILE, not both"]],
+    ["a caller keys file without keys", () => baseEnv({ PROXY_API_KEYS_FILE: certs.write("keys-empty.txt", "# none yet\n\n") }), [/PROXY_API_KEYS_FILE=\S+keys-empty\.txt holds no key/]],
+    ["a caller keys file that does not exist", () => baseEnv({ PROXY_API_KEYS_FILE: "/nonexistent/keys" }), ["PROXY_API_KEYS_FILE=/nonexistent/keys cannot be read (ENOENT)"]],
     ["an EC certificate", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.client("ec", ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]).pemPath }), ["holds a EC key; Entra ID accepts only RSA certificates"]],
   ];
   for (const [name, env, expected] of badConfigurations) {
@@ -658,6 +675,91 @@ describe("Forwarding", () => {
   });
 });
 
+// ---------------------------------------------------------------- methods and caller keys
+
+describe("Methods and connections", () => {
+  test("CONNECT and TRACE are answered 405 JSON and never forwarded", async () => {
+    const proxy = await startProxy(baseEnv());
+    await proxy.waitForHealth();
+    const receivedBefore = upstream.received.length;
+    const connect = await rawRequest(proxy.port, "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n");
+    expect(connect.status).toBe(405);
+    expect(JSON.parse(connect.body).error.code).toBe("method_not_allowed");
+    const trace = await rawRequest(proxy.port, "TRACE /openai/models HTTP/1.1\r\nHost: localhost\r\napi-key: secret\r\n\r\n");
+    expect(trace.status).toBe(405);
+    expect(trace.body).not.toContain("secret");
+    expect(upstream.received.length).toBe(receivedBefore);
+    await proxy.stop();
+  });
+});
+
+describe("Inbound caller keys", () => {
+  const KEYS = ["caller-key-one-3f9a", "caller-key-two-77c1"];
+
+  test("with PROXY_API_KEYS every forwarded request needs a key; the key never reaches the upstream or the logs", async () => {
+    const proxy = await startProxy(baseEnv({ PROXY_API_KEYS: ` ${KEYS[0]}, ${KEYS[1]} ` }));
+    await proxy.waitForHealth();
+    const receivedBefore = upstream.received.length;
+    const wrongKeys: Record<string, string>[] = [{}, { "api-key": "wrong" }, { authorization: "Bearer wrong" }, { authorization: `Basic ${KEYS[0]}` }, { "api-key": "" }];
+    for (const headers of wrongKeys) {
+      const refused = await fetch(`${proxy.url}/openai/models`, { headers });
+      expect(refused.status).toBe(401);
+      expect((await readJson(refused)).error).toMatchObject({ type: "auth_proxy_error", code: "invalid_api_key" });
+    }
+    expect(upstream.received.length).toBe(receivedBefore);
+    const rightKeys: Record<string, string>[] = [{ "api-key": KEYS[0]! }, { authorization: `Bearer ${KEYS[1]}` }];
+    for (const headers of rightKeys) {
+      const accepted = await fetch(`${proxy.url}/openai/models`, { headers });
+      expect(accepted.status).toBe(200);
+      const received = lastReceived();
+      expect(received.tokenValid).toBe(true);
+      expect(JSON.stringify(received.rawHeaders)).not.toMatch(/caller-key/);
+    }
+    for (const path of ["/live", "/health"]) expect((await fetch(`${proxy.url}${path}`)).status).toBe(200);
+    await proxy.stop();
+    expect(proxy.stdout + proxy.stderr).not.toMatch(/caller-key/);
+  });
+
+  test("WebSocket upgrades need a key too, in a header or where browsers carry it", async () => {
+    const proxy = await startProxy(baseEnv({ API_BASE_URL: realtime.url, PROXY_API_KEYS: KEYS.join(",") }));
+    await proxy.waitForHealth();
+    const refused = await rawUpgrade(proxy.port, "/openai/v1/realtime?model=gpt-realtime");
+    expect(refused.status).toBe(401);
+    const ways: ConstructorParameters<typeof TestSocket>[1][] = [{ headers: { "api-key": KEYS[0]! } }, { protocols: ["realtime", `openai-insecure-api-key.${KEYS[1]}`] }];
+    for (const options of ways) {
+      const client = new TestSocket(`ws://127.0.0.1:${proxy.port}/openai/v1/realtime?model=gpt-realtime`, options);
+      await client.waitForFrames(1);
+      client.socket.close(1000);
+    }
+    const byQuery = new TestSocket(`ws://127.0.0.1:${proxy.port}/openai/v1/realtime?model=gpt-realtime&api-key=${KEYS[0]}`);
+    await byQuery.waitForFrames(1);
+    byQuery.socket.close(1000);
+    const handshakes = realtime.sessions.slice(-3).map((session) => JSON.stringify(session.handshake));
+    for (const handshake of handshakes) expect(handshake).not.toMatch(/caller-key/);
+    await proxy.stop();
+  });
+
+  test("PROXY_API_KEYS_FILE is re-read when it changes, without restart; a broken file keeps the last keys", async () => {
+    const file = certs.write("callers.txt", "# callers\nold-caller-key\n");
+    const proxy = await startProxy(baseEnv({ PROXY_API_KEYS_FILE: file }));
+    await proxy.waitForHealth();
+    const status = async (key: string) => (await fetch(`${proxy.url}/openai/models`, { headers: { "api-key": key } })).status;
+    expect(await status("old-caller-key")).toBe(200);
+    // As a Kubernetes Secret update does: a new file swapped in.
+    writeFileSync(`${file}.new`, "new-caller-key\n");
+    renameSync(`${file}.new`, file);
+    await proxy.waitForLog((line) => line.msg === "caller keys reloaded" && line.keys === 1, 5000);
+    expect(await status("old-caller-key")).toBe(401);
+    expect(await status("new-caller-key")).toBe(200);
+    writeFileSync(`${file}.new`, "\n");
+    renameSync(`${file}.new`, file);
+    await proxy.waitForLog((line) => line.msg === "caller keys file unusable; keeping the last good keys", 5000);
+    expect(await status("new-caller-key")).toBe(200);
+    await proxy.stop();
+    expect(proxy.stdout).not.toMatch(/(old|new)-caller-key/);
+  });
+});
+
 // ---------------------------------------------------------------- WebSocket
 
 describe("WebSocket", () => {
@@ -1024,6 +1126,75 @@ describe("Token lifecycle", () => {
     }
   }, 40_000);
 
+  /** A client id of its own, so its token requests can be counted apart from every other proxy's. */
+  function misbehavingApp(clientId: string, behaviour: Pick<AppRegistration, "tokenLifetimeSeconds" | "answer">): Record<string, string | undefined> {
+    entra.register({ clientId, certificates: [appCertificate.certificatePem], ...behaviour });
+    return baseEnv({ AZURE_CLIENT_ID: clientId });
+  }
+
+  test("tokens already expired or expiring at once are failures with backoff, never a tight loop, and /health never says 200", async () => {
+    const cases = [
+      ["1e000000-0000-4000-8000-000000000000", 0],
+      ["1e000000-0000-4000-8000-000000000001", -5],
+    ] as const;
+    const proxies = await Promise.all(cases.map(([clientId, lifetime]) => startProxy(misbehavingApp(clientId, { tokenLifetimeSeconds: lifetime }))));
+    const startedAt = Date.now();
+    const healthStatuses = new Set<number>();
+    while (Date.now() - startedAt < 5000) {
+      for (const proxy of proxies) healthStatuses.add((await fetch(`${proxy.url}/health`)).status);
+      await Bun.sleep(100);
+    }
+    expect([...healthStatuses]).toEqual([503]);
+    for (const [index, [clientId]] of cases.entries()) {
+      const times = entra.requestTimes.get(clientId)!;
+      // Backoff from 1 s: 3 or 4 requests in 5 s (the unfixed proxy made 649 and 1,205).
+      expect(times.length).toBeGreaterThanOrEqual(2);
+      expect(times.length).toBeLessThanOrEqual(5);
+      for (let at = 1; at < times.length; at++) expect(times[at]! - times[at - 1]!).toBeGreaterThanOrEqual(MIN_TOKEN_REQUEST_INTERVAL_MS / 2);
+      const failure = await proxies[index]!.waitForLog((line) => line.msg === "token acquisition failed");
+      expect(String(failure.error)).toMatch(index === 0 ? /expires in [\d.]+ s, too soon to use|already expired/ : /already expired/);
+      expect(failure.retry_in_s).toBeGreaterThan(0);
+      await proxies[index]!.stop();
+    }
+  });
+
+  test("a huge, non-JSON, tokenless or redirecting token response is a clear failure with backoff; absurd lifetimes are capped at 24 h", async () => {
+    const cases: [string, () => Response, RegExp][] = [
+      ["1e000000-0000-4000-8000-000000000002", () => new Response(JSON.stringify({ padding: "x".repeat(2 * 1024 * 1024) }), { headers: { "content-type": "application/json" } }), /over 1 MiB/],
+      ["1e000000-0000-4000-8000-000000000003", () => new Response("<html>gateway</html>", { status: 200 }), /not JSON/],
+      ["1e000000-0000-4000-8000-000000000004", () => Response.json({ token_type: "Bearer", expires_in: 3600 }), /.+/],
+      ["1e000000-0000-4000-8000-000000000005", () => new Response(null, { status: 302, headers: { location: "https://elsewhere.example/token" } }), /redirect/],
+    ];
+    for (const [clientId, answer, expected] of cases) {
+      const proxy = await startProxy(misbehavingApp(clientId, { answer }));
+      const failure = await proxy.waitForLog((line) => line.msg === "token acquisition failed");
+      expect(String(failure.error)).toMatch(expected);
+      expect((await fetch(`${proxy.url}/health`)).status).toBe(503);
+      expect((await fetch(`${proxy.url}/live`)).status).toBe(200);
+      await proxy.stop();
+    }
+    const tenYears = 10 * 365 * 24 * 3600;
+    const capped = await startProxy(misbehavingApp("1e000000-0000-4000-8000-000000000006", { tokenLifetimeSeconds: tenYears }));
+    const acquired = await capped.waitForLog((line) => line.msg === "token acquired");
+    const lifetimeMs = Date.parse(String(acquired.expires_on)) - Date.parse(acquired.time);
+    expect(lifetimeMs).toBeLessThanOrEqual(MAX_TOKEN_LIFETIME_MS);
+    expect(lifetimeMs).toBeGreaterThan(MAX_TOKEN_LIFETIME_MS - 60_000);
+    await capped.waitForHealth();
+    await capped.stop();
+  });
+
+  test("a refresh answered with garbage keeps serving on the current token", async () => {
+    const clientId = "1e000000-0000-4000-8000-000000000007";
+    const proxy = await startProxy(misbehavingApp(clientId, { tokenLifetimeSeconds: 6 }));
+    const first = await proxy.waitForLog((line) => line.msg === "token acquired");
+    entra.apps.get(clientId)!.answer = () => new Response("not json");
+    await proxy.waitForLog((line) => line.msg === "token acquisition failed" && line.level === "warn");
+    const response = await fetch(`${proxy.url}/openai/models`);
+    expect(response.status).toBe(200);
+    expect(Date.now()).toBeLessThan(Date.parse(String(first.expires_on)));
+    await proxy.stop();
+  });
+
   test("a token request that hangs is given up after 10 s and retried", async () => {
     entra.outage = { kind: "hang" };
     try {
@@ -1319,6 +1490,18 @@ describe("Forwarding without timeouts", () => {
     expect(silentMidStream).toBe('data: {"before":"silence"}\n\ndata: {"after":"silence"}\n\n');
   }, LONG_SILENCE_MS + 30_000);
 
+  test(`keep-alive connections idle after a forwarded request are closed after ${KEEP_ALIVE_IDLE_SECONDS} s, as after /live`, async () => {
+    const connections = await idleConnections;
+    for (const { closedAfterMs, response } of connections) {
+      expect(response).toStartWith("HTTP/1.1 200");
+      // Reaped, not cut early and not kept for good.
+      expect(closedAfterMs).toBeDefined();
+      expect(closedAfterMs!).toBeGreaterThan((KEEP_ALIVE_IDLE_SECONDS - 5) * 1000);
+      expect(closedAfterMs!).toBeLessThan(KEEP_ALIVE_WAIT_MS);
+    }
+    expect(connections.filter(({ response }) => response.includes('{"late":true}'))).toHaveLength(2);
+  }, KEEP_ALIVE_WAIT_MS + 60_000);
+
   test(`a WebSocket session silent for ${SILENT_SESSION_MS / 1000} s stays open and relays again`, async () => {
     expect(await silentSession).toBe("after the silence");
   }, SILENT_SESSION_MS + 30_000);
@@ -1419,6 +1602,6 @@ describe("Secrets", () => {
     expect(output).not.toContain(PASSWORD);
     expect(output).not.toContain("Bearer fake-at-");
     // Keys WebSocket clients carried in the query and the subprotocols.
-    for (const clientKey of ["sk-query-secret", "sk-proto-secret", "placeholder-api-key"]) expect(output).not.toContain(clientKey);
+    for (const clientKey of ["sk-query-secret", "sk-proto-secret", "placeholder-api-key", "caller-key-one-3f9a", "caller-key-two-77c1", "old-caller-key", "new-caller-key"]) expect(output).not.toContain(clientKey);
   });
 });

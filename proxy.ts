@@ -10,8 +10,8 @@
  * manager -> forwarding -> WebSocket relay -> server and lifecycle -> main.
  */
 import arg from "arg";
-import { createPrivateKey, createPublicKey, X509Certificate, type KeyObject } from "node:crypto";
-import { readFileSync, writeSync } from "node:fs";
+import { createHash, createPrivateKey, createPublicKey, timingSafeEqual, X509Certificate, type KeyObject } from "node:crypto";
+import { readFileSync, statSync, writeSync } from "node:fs";
 import type { AuthenticationResult, INetworkModule, NetworkResponse } from "@azure/msal-node";
 import packageJson from "./package.json" with { type: "json" };
 
@@ -89,7 +89,11 @@ export interface Config {
   authorityHost: string;
   logLevel: LogLevel;
   shutdownTimeoutMs: number;
+  /** PROXY_API_KEYS, or PROXY_API_KEYS_FILE (re-read when it changes): keys callers must present; none means open. */
+  callerKeys: CallerKeySource | undefined;
 }
+
+export type CallerKeySource = { keys: string[] } | { file: string; keys: string[] };
 
 /** Every setting: its variable, the flag that overrides it, an alias variable, and its default. */
 const SETTINGS = {
@@ -105,6 +109,8 @@ const SETTINGS = {
   certificatePassword: { env: "AZURE_CERTIFICATE_PASSWORD", alias: "AZURE_CLIENT_CERTIFICATE_PASSWORD" },
   sendCertificateChain: { env: "AZURE_CLIENT_SEND_CERTIFICATE_CHAIN", fallback: "false" },
   shutdownTimeout: { env: "SHUTDOWN_TIMEOUT", fallback: "25" },
+  callerKeys: { env: "PROXY_API_KEYS" },
+  callerKeysFile: { env: "PROXY_API_KEYS_FILE" },
 } as const satisfies Record<string, { env: string; alias?: string; flag?: string; fallback?: string }>;
 
 type SettingName = keyof typeof SETTINGS;
@@ -207,6 +213,8 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
     errors.push(`${raw.shutdownTimeout.source}=${raw.shutdownTimeout.value} must be a number of seconds, 0 or more`);
   }
 
+  const callerKeys = loadCallerKeySource(raw.callerKeys, raw.callerKeysFile, errors);
+
   if (errors.length > 0) return { errors };
   return {
     errors,
@@ -225,8 +233,48 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
       authorityHost: authority!.origin,
       logLevel: logLevel as LogLevel,
       shutdownTimeoutMs: shutdownTimeout * 1000,
+      callerKeys,
     },
   };
+}
+
+/** One key per line (blank lines and `#` comments skipped), or comma-separated in the variable. */
+export function parseCallerKeys(text: string, separator: "," | "\n"): string[] {
+  return text
+    .split(separator)
+    .map((line) => line.trim())
+    .filter((line) => line !== "" && !line.startsWith("#"));
+}
+
+export function readCallerKeysFile(file: string): string[] {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (error) {
+    throw new Error(`PROXY_API_KEYS_FILE=${file} cannot be read (${(error as NodeJS.ErrnoException).code ?? errorMessage(error)})`);
+  }
+  const keys = parseCallerKeys(text, "\n");
+  if (keys.length === 0) throw new Error(`PROXY_API_KEYS_FILE=${file} holds no key (one per line)`);
+  return keys;
+}
+
+function loadCallerKeySource(inline: RawSetting, file: RawSetting, errors: string[]): CallerKeySource | undefined {
+  if (inline.value && file.value) {
+    errors.push("set PROXY_API_KEYS or PROXY_API_KEYS_FILE, not both");
+    return undefined;
+  }
+  if (inline.value) {
+    const keys = parseCallerKeys(inline.value, ",");
+    if (keys.length === 0) errors.push("PROXY_API_KEYS holds no key (comma-separated)");
+    return { keys };
+  }
+  if (!file.value) return undefined;
+  try {
+    return { file: file.value, keys: readCallerKeysFile(file.value) };
+  } catch (error) {
+    errors.push(errorMessage(error));
+    return undefined;
+  }
 }
 
 // ---------------------------------------------------------------- credential
@@ -384,6 +432,8 @@ export function describeTokenError(error: unknown): { message: string; aadsts: s
 
 /** Entra ID answers within a second or two; a token POST that hangs must not stall the refresh loop. */
 const TOKEN_REQUEST_TIMEOUT_MS = 10 * SECOND;
+/** A token response is a few KB; a misbehaving endpoint must not make the proxy buffer without bound. */
+const MAX_TOKEN_RESPONSE_BYTES = 1024 * 1024;
 
 /**
  * MSAL's own client sets no timeout on the token POST (msal-js#6527); this
@@ -408,17 +458,42 @@ async function sendTokenRequest<T>(
       headers: options?.headers,
       body: method === "POST" ? (options?.body ?? "") : undefined,
       signal: AbortSignal.timeout(timeoutMs),
+      // A token endpoint that redirects is misconfigured or hijacked: the client assertion goes nowhere else.
+      redirect: "manual",
     });
   } catch (error) {
     const reason = (error as Error).name === "TimeoutError" ? `no answer within ${timeoutMs / SECOND} s` : errorMessage(error);
     throw await networkError(`token request to ${new URL(url).origin} failed: ${reason}`);
   }
-  const text = await response.text();
+  const origin = new URL(url).origin;
+  if (response.status >= 300 && response.status < 400) {
+    void response.body?.cancel();
+    throw await networkError(`token endpoint ${origin} answered with a redirect (HTTP ${response.status}); AZURE_AUTHORITY_HOST must be the identity provider itself`);
+  }
+  const text = await readBounded(response, MAX_TOKEN_RESPONSE_BYTES);
+  if (text === undefined) {
+    throw await networkError(`token endpoint ${origin} answered HTTP ${response.status} with a body over ${MAX_TOKEN_RESPONSE_BYTES / 1024 / 1024} MiB`);
+  }
   try {
     return { status: response.status, headers: Object.fromEntries(response.headers), body: JSON.parse(text) as T };
   } catch {
-    throw await networkError(`token endpoint ${new URL(url).origin} answered HTTP ${response.status} with a body that is not JSON`);
+    throw await networkError(`token endpoint ${origin} answered HTTP ${response.status} with a body that is not JSON`);
   }
+}
+
+/** The body as text, or undefined (and the rest cancelled) once it passes `limit` bytes. */
+async function readBounded(response: Response, limit: number): Promise<string | undefined> {
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for await (const chunk of response.body ?? []) {
+    size += chunk.byteLength;
+    if (size > limit) {
+      void response.body?.cancel().catch(() => {});
+      return undefined;
+    }
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks).toString("utf8");
 }
 
 /** MSAL passes its own AuthError through unchanged but replaces any other with a bare "network_error". */
@@ -438,6 +513,37 @@ function loadMsal(): Promise<Msal> {
 /** The token endpoint Entra ID publishes for every cloud, so no discovery round-trip is needed. */
 export function tokenEndpoint(config: Pick<Config, "authorityHost" | "tenantId">): string {
   return `${config.authorityHost}/${config.tenantId}/oauth2/v2.0/token`;
+}
+
+/**
+ * A token living under this is unusable: by the time a request carries it
+ * upstream it may have expired. MSAL rounds `expires_on` down to the
+ * second, so `expires_in: 0` can look valid for half a second.
+ */
+export const MIN_TOKEN_LIFETIME_MS = 2 * SECOND;
+/** Entra issues 60-90 minute tokens (managed identity: about 24 h); `expires_in` of years is capped here. */
+export const MAX_TOKEN_LIFETIME_MS = 24 * 60 * MINUTE;
+/** However the identity provider answers, scheduled token requests are never closer than this. */
+export const MIN_TOKEN_REQUEST_INTERVAL_MS = SECOND;
+
+/**
+ * Refuses a token the proxy cannot use (already expired, living under 2 s,
+ * or with no expiry at all) so the caller backs off instead of asking again
+ * at once, and caps an absurd lifetime so the refresh still happens daily.
+ */
+export function checkTokenLifetime(token: HeldToken, nowMs: number): HeldToken {
+  const lifetimeMs = token.expiresOnMs - nowMs;
+  if (!Number.isFinite(lifetimeMs)) throw new Error("the identity provider answered with a token without a valid expiry (expires_in)");
+  if (lifetimeMs < MIN_TOKEN_LIFETIME_MS) {
+    const seconds = Math.round(lifetimeMs / 100) / 10;
+    throw new Error(
+      lifetimeMs <= 0
+        ? `the identity provider answered with a token that had already expired (expires_on ${new Date(token.expiresOnMs).toISOString()}, ${-seconds} s ago)`
+        : `the identity provider answered with a token that expires in ${seconds} s, too soon to use`,
+    );
+  }
+  if (token.expiresOnMs - token.obtainedAtMs <= MAX_TOKEN_LIFETIME_MS) return token;
+  return { ...token, expiresOnMs: token.obtainedAtMs + MAX_TOKEN_LIFETIME_MS };
 }
 
 /** One client-credentials token from Entra ID, never from a cache: every call is a real refresh. */
@@ -472,13 +578,14 @@ export async function requestToken(config: Config, credential: Credential): Prom
     scopes: [config.scope],
     skipCache: true,
   });
-  if (!result?.accessToken || !result.expiresOn) throw new Error("Entra ID answered without an access token");
-  return {
+  if (!result?.accessToken) throw new Error("the identity provider answered without an access token");
+  const token = {
     authorization: `Bearer ${result.accessToken}`,
-    expiresOnMs: result.expiresOn.getTime(),
+    expiresOnMs: result.expiresOn?.getTime() ?? Number.NaN,
     refreshOnMs: result.refreshOn?.getTime(),
     obtainedAtMs,
   };
+  return checkTokenLifetime(token, Date.now());
 }
 
 /** Upstream 401s arrive in bursts; one refresh per burst is enough. */
@@ -495,6 +602,7 @@ export class TokenManager {
   private lastFailure = "the first token has not been acquired yet";
   private failures = 0;
   private nextAttemptAtMs = 0;
+  private lastRequestAtMs = -Infinity;
   private inFlight: Promise<void> | undefined;
   private timer: ReturnType<typeof setTimeout> | undefined;
   private lastUnauthorizedRefreshMs = -Infinity;
@@ -549,6 +657,7 @@ export class TokenManager {
   private async acquire(trigger: string): Promise<void> {
     clearTimeout(this.timer);
     this.reloadCredential();
+    this.lastRequestAtMs = Date.now();
     try {
       const token = await requestToken(this.config, this.credential);
       this.current = token;
@@ -598,9 +707,94 @@ export class TokenManager {
 
   private schedule(delayMs: number): void {
     if (this.stopped) return;
-    this.nextAttemptAtMs = Date.now() + delayMs;
+    const now = Date.now();
+    // The floor holds whatever the schedule says: an identity provider must never be asked in a tight loop.
+    delayMs = Math.max(delayMs, this.lastRequestAtMs + MIN_TOKEN_REQUEST_INTERVAL_MS - now);
+    this.nextAttemptAtMs = now + delayMs;
     this.timer = setTimeout(() => void this.refresh("scheduled"), delayMs);
   }
+}
+
+// ---------------------------------------------------------------- caller keys
+
+/**
+ * Credentials a WebSocket client may carry where a browser lets it: the
+ * openai SDK's browser client sends `api-key` (or `Authorization`) as a
+ * query parameter and OpenAI keys as an `openai-insecure-api-key.<key>`
+ * subprotocol. The proxy's bearer token replaces them; they never reach the upstream.
+ */
+const CREDENTIAL_QUERY_PARAMETERS = ["api-key", "authorization"];
+const INSECURE_KEY_SUBPROTOCOL = "openai-insecure-api-key.";
+/** Kubernetes updates a mounted Secret within a minute or two; a second's polling costs one stat. */
+const CALLER_KEYS_FILE_POLL_MS = SECOND;
+
+/**
+ * The keys callers must present, kept as SHA-256 digests: comparing digests
+ * of one length with timingSafeEqual, against every key without stopping at
+ * a match, takes the same time whatever was presented.
+ */
+export class CallerKeys {
+  private digests: Buffer[];
+  private fileStamp: string;
+
+  constructor(private readonly source: CallerKeySource) {
+    this.digests = source.keys.map(digestOf);
+    this.fileStamp = "file" in source ? fileStampOf(source.file) : "";
+  }
+
+  accepts(presented: string | undefined): boolean {
+    const digest = digestOf(presented ?? "");
+    let match = false;
+    for (const known of this.digests) match = timingSafeEqual(digest, known) || match;
+    return match && presented !== undefined && presented !== "";
+  }
+
+  /** A changed file (a Secret update swaps a symlink: new inode) is re-read; a broken one is logged and the last keys kept. */
+  reloadIfChanged(): void {
+    if (!("file" in this.source)) return;
+    const stamp = fileStampOf(this.source.file);
+    if (stamp === this.fileStamp) return;
+    this.fileStamp = stamp;
+    try {
+      const keys = readCallerKeysFile(this.source.file);
+      this.digests = keys.map(digestOf);
+      log("info", "caller keys reloaded", { file: this.source.file, keys: keys.length });
+    } catch (error) {
+      log("error", "caller keys file unusable; keeping the last good keys", { error: errorMessage(error), keys: this.digests.length });
+    }
+  }
+}
+
+function digestOf(key: string): Buffer {
+  return createHash("sha256").update(key).digest();
+}
+
+function fileStampOf(file: string): string {
+  try {
+    const stat = statSync(file);
+    return `${stat.ino}:${stat.size}:${stat.mtimeMs}`;
+  } catch {
+    return "missing";
+  }
+}
+
+/**
+ * The key a caller presented: `api-key`, else `Authorization: Bearer`; for a
+ * WebSocket upgrade also where browsers put it (the `api-key` query
+ * parameter, an `openai-insecure-api-key.` subprotocol).
+ */
+export function presentedCallerKey(headers: Headers, target: string): string | undefined {
+  const apiKey = headers.get("api-key");
+  if (apiKey !== null) return apiKey.trim();
+  const authorization = headers.get("authorization");
+  if (authorization !== null && /^bearer\s/i.test(authorization)) return authorization.slice(7).trim();
+  if (!isWebSocketUpgrade(headers)) return undefined;
+  for (const protocol of (headers.get("sec-websocket-protocol") ?? "").split(",")) {
+    const trimmed = protocol.trim();
+    if (trimmed.startsWith(INSECURE_KEY_SUBPROTOCOL)) return trimmed.slice(INSECURE_KEY_SUBPROTOCOL.length);
+  }
+  const query = target.indexOf("?") === -1 ? "" : target.slice(target.indexOf("?") + 1);
+  return new URLSearchParams(query).get("api-key") ?? undefined;
 }
 
 // ---------------------------------------------------------------- forwarding
@@ -663,9 +857,33 @@ export function proxyError(status: number, code: string, message: string, header
   return Response.json({ error: { message, type: "auth_proxy_error", code } }, { status, headers });
 }
 
+/**
+ * Bun.serve closes a request that has not finished within its idle timeout
+ * (10 s by default, oven-sh/bun#13392), however busy its response: writes
+ * do not reset the timer (measured). This value reaps idle keep-alive
+ * connections and is longer than client pools keep theirs (httpx 5 s, Node
+ * agents 4-15 s) so a client never reuses a socket the proxy is closing.
+ */
+export const KEEP_ALIVE_IDLE_SECONDS = 75;
+/**
+ * A forwarded request still waiting after this has the timer lifted
+ * (`server.timeout(req, 0)`), well before it would fire. Lifting every
+ * request at once would cost nothing more, but the lift stays on the
+ * socket after the response (measured: such connections were never
+ * reaped), so it is undone when the body ends, which costs a body relay.
+ */
+const LIFT_IDLE_TIMER_AFTER_MS = 30 * SECOND;
+/** A body this small with a Content-Length is written at once: it needs neither the lift nor the relay. */
+const SMALL_BODY_BYTES = 64 * 1024;
+
+function liftIdleTimer(server: ProxyServer, req: Request): void {
+  server.timeout(req, 0);
+}
+
 /** One forwarded request, the whole hot path: rewrite headers, fetch, strip the response's hop-by-hop headers, log. */
-async function forward(req: Request, target: string, authorization: string, upstream: Upstream): Promise<Response> {
+async function forward(req: Request, target: string, authorization: string, upstream: Upstream, server: ProxyServer): Promise<Response> {
   const startedAt = performance.now();
+  const lift = setTimeout(liftIdleTimer, LIFT_IDLE_TIMER_AFTER_MS, server, req);
   rewriteRequestHeaders(req.headers, authorization);
   let response: Response;
   try {
@@ -683,6 +901,7 @@ async function forward(req: Request, target: string, authorization: string, upst
       timeout: false,
     });
   } catch (error) {
+    clearTimeout(lift);
     if (req.signal.aborted) {
       accessLog(req.method, target, 499, startedAt);
       return new Response(null, { status: 499 });
@@ -692,10 +911,47 @@ async function forward(req: Request, target: string, authorization: string, upst
     accessLog(req.method, target, 502, startedAt);
     return proxyError(502, "upstream_unreachable", `auth-proxy could not reach ${upstream.origin}: ${reason}`);
   }
+  clearTimeout(lift);
   if (response.status === 401) upstream.tokens.refreshAfterUnauthorized();
   removeHopByHopHeaders(response.headers);
   accessLog(req.method, target, response.status, startedAt);
-  return response;
+  // The lift may have fired: a margin of a second covers a timer that ran late.
+  const lifted = performance.now() - startedAt >= LIFT_IDLE_TIMER_AFTER_MS - SECOND;
+  const body = response.body;
+  if (body === null) {
+    if (lifted) server.timeout(req, KEEP_ALIVE_IDLE_SECONDS);
+    return response;
+  }
+  if (!lifted && Number(response.headers.get("content-length") ?? Infinity) <= SMALL_BODY_BYTES) return response;
+  // A stream or a large body may run for minutes: no timer until it ends, then the keep-alive timer again.
+  server.timeout(req, 0);
+  return new Response(relayBody(body, () => server.timeout(req, KEEP_ALIVE_IDLE_SECONDS)), response);
+}
+
+type ProxyServer = import("bun").Server<RelaySession>;
+
+/**
+ * The upstream body passed on chunk by chunk as the client reads: a pull
+ * source with no queue of its own keeps back-pressure (TransformStream lost
+ * it, oven-sh/bun#28035) and the bytes as they came, and lets the proxy see
+ * where the body ends. There `onEnd` re-arms the connection's keep-alive
+ * timer, which `server.timeout(req, 0)` lifted for the request and which Bun
+ * would otherwise leave lifted on the socket for good (measured).
+ */
+function relayBody(body: ReadableStream<Uint8Array>, onEnd: () => void): ReadableStream<Uint8Array> {
+  const reader = body.getReader();
+  return new ReadableStream<Uint8Array>(
+    {
+      async pull(controller) {
+        const { done, value } = await reader.read();
+        if (!done) return controller.enqueue(value);
+        controller.close();
+        onEnd();
+      },
+      cancel: (reason) => reader.cancel(reason),
+    },
+    { highWaterMark: 0 },
+  );
 }
 
 interface Upstream {
@@ -737,15 +993,6 @@ function accessLog(method: string, target: string, status: number, startedAt: nu
  * upstream, and the subprotocols go through the client's `protocols`.
  */
 const WEBSOCKET_HANDSHAKE_HEADERS = ["sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol", "sec-websocket-accept"];
-
-/**
- * Credentials a WebSocket client may carry where a browser lets it: the
- * openai SDK's browser client sends `api-key` (or `Authorization`) as a
- * query parameter and OpenAI keys as an `openai-insecure-api-key.<key>`
- * subprotocol. The proxy's bearer token replaces them; they never reach the upstream.
- */
-const CREDENTIAL_QUERY_PARAMETERS = ["api-key", "authorization"];
-const INSECURE_KEY_SUBPROTOCOL = "openai-insecure-api-key.";
 
 /** A client frame larger than this closes its session with 1009; realtime audio frames are far smaller. */
 const MAX_WEBSOCKET_FRAME_BYTES = 64 * 1024 * 1024;
@@ -1086,14 +1333,6 @@ function endSession(session: RelaySession, relay: Relay): void {
 
 // ---------------------------------------------------------------- server and lifecycle
 
-/**
- * Bun.serve closes a connection silent for 10 s by default, mid-stream too
- * (oven-sh/bun#13392). Forwarded requests lift it per request; this value
- * only reaps idle keep-alive connections, and is longer than client pools
- * keep theirs (httpx 5 s, Node agents 4-15 s) so a client never reuses a
- * socket the proxy is closing.
- */
-export const KEEP_ALIVE_IDLE_SECONDS = 75;
 const FORCED_STOP_GRACE_MS = 1000;
 const JSON_HEADERS = { "content-type": "application/json" };
 
@@ -1112,6 +1351,9 @@ export function startProxy(config: Config, credential: Credential): RunningProxy
     tokens,
   };
   const relay: Relay = { sessions: new Set(), onIdle: undefined };
+  const callerKeys = config.callerKeys === undefined ? undefined : new CallerKeys(config.callerKeys);
+  const callerKeysPoll = callerKeys === undefined ? undefined : setInterval(() => callerKeys.reloadIfChanged(), CALLER_KEYS_FILE_POLL_MS);
+  callerKeysPoll?.unref();
   let draining = false;
 
   function health(method: string): Response {
@@ -1138,8 +1380,22 @@ export function startProxy(config: Config, credential: Credential): RunningProxy
         if (target === "/health") return health(req.method);
         if (target === "/live") return live(req.method);
       }
+      // A reverse proxy, not a tunnel: CONNECT would ask it to open a socket to any host, TRACE echoes the request (and its keys).
+      if (req.method === "CONNECT" || req.method === "TRACE") {
+        accessLog(req.method, target, 405, performance.now());
+        return proxyError(405, "method_not_allowed", `auth-proxy is a reverse proxy; it does not forward ${req.method}`, {
+          allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+          connection: "close",
+        });
+      }
       if (draining) {
         return proxyError(503, "shutting_down", "auth-proxy is shutting down", { connection: "close", "retry-after": "1" });
+      }
+      if (callerKeys !== undefined && !callerKeys.accepts(presentedCallerKey(req.headers, target))) {
+        accessLog(req.method, target, 401, performance.now());
+        return proxyError(401, "invalid_api_key", "auth-proxy requires a valid caller key (PROXY_API_KEYS) in the api-key header or as Authorization: Bearer <key>", {
+          "www-authenticate": 'Bearer realm="auth-proxy"',
+        });
       }
       const now = Date.now();
       const token = tokens.usable(now);
@@ -1150,8 +1406,7 @@ export function startProxy(config: Config, credential: Credential): RunningProxy
         });
       }
       if (isWebSocketUpgrade(req.headers)) return relayWebSocket(req, server, target, token.authorization, upstream, relay);
-      server.timeout(req, 0);
-      return forward(req, target, token.authorization, upstream);
+      return forward(req, target, token.authorization, upstream, server);
     },
     websocket: {
       data: {} as RelaySession,
@@ -1177,6 +1432,7 @@ export function startProxy(config: Config, credential: Credential): RunningProxy
     draining = true;
     log("info", "shutting down", { signal, shutdown_timeout_s: config.shutdownTimeoutMs / SECOND });
     tokens.stop();
+    clearInterval(callerKeysPoll);
     // server.stop() waits for in-flight requests but has hung on idle
     // keep-alive sockets (oven-sh/bun#37074) and never ends open WebSockets:
     // sessions are waited for here, and both are raced against the deadline.
@@ -1231,6 +1487,7 @@ Environment only:
   AZURE_CERTIFICATE_PASSWORD           password of an encrypted private key
   AZURE_CLIENT_SEND_CERTIFICATE_CHAIN  true sends x5c (subject name/issuer auth) (false)
   SHUTDOWN_TIMEOUT                     seconds to let requests finish on SIGTERM (25)
+  PROXY_API_KEYS, PROXY_API_KEYS_FILE  keys callers must send as api-key or Bearer (off)
   NODE_EXTRA_CA_CERTS, HTTPS_PROXY, NO_PROXY  as usual
 
 Endpoints: /health (200 with a valid token, else 503), /live; everything else is forwarded,
@@ -1384,6 +1641,7 @@ export async function main(argv: string[]): Promise<void> {
     tenant_id: config.tenantId,
     certificate_thumbprint: credential.thumbprintSha256,
     certificate_not_after: credential.notAfter.toISOString(),
+    caller_keys: config.callerKeys === undefined ? "off" : "file" in config.callerKeys ? "PROXY_API_KEYS_FILE" : "PROXY_API_KEYS",
   });
   if (credential.notAfter.getTime() < Date.now()) {
     log("error", "the certificate has expired; Entra ID will reject it", { not_after: credential.notAfter.toISOString() });

@@ -19,6 +19,10 @@ export interface AppRegistration {
   certificates: string[];
   /** Subject-name/issuer trust: a leaf sent in x5c and signed by this CA is accepted. */
   trustedIssuerPem?: string;
+  /** This app's token lifetime, when it differs from the endpoint's (`expires_in` may be 0 or negative: a misbehaving provider). */
+  tokenLifetimeSeconds?: number;
+  /** A misbehaving identity provider: this answer replaces the token response for this app. */
+  answer?: () => Response;
 }
 
 interface IssuedToken {
@@ -47,6 +51,8 @@ export class FakeEntraId {
   outage: Outage | undefined;
   /** The scope of every token request, in order. */
   readonly scopes: string[] = [];
+  /** Token requests per client id, with the time of each. */
+  readonly requestTimes = new Map<string, number[]>();
   private readonly seenJti = new Set<string>();
   private readonly hanging = new Set<() => void>();
   private server: ReturnType<typeof Bun.serve> | undefined;
@@ -137,6 +143,7 @@ export class FakeEntraId {
     }
     const scope = form.get("scope") ?? "";
     this.scopes.push(scope);
+    this.requestTimes.set(clientId, [...(this.requestTimes.get(clientId) ?? []), Date.now()]);
     if (!scope.split(" ").some((s) => s.endsWith("/.default"))) {
       return this.aadError(400, "invalid_scope", 1002012, `The provided value for scope ${scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.`);
     }
@@ -148,12 +155,15 @@ export class FakeEntraId {
     const fault = this.verifyAssertion(assertion, app);
     if (fault) return this.aadError(401, "invalid_client", fault.code, fault.description);
 
+    if (app.answer) return app.answer();
+
     const token = `fake-at-${b64url(randomBytes(24))}`;
-    this.issued.set(token, { expiresAtMs: Date.now() + this.tokenLifetimeSeconds * 1000, clientId });
+    const lifetime = app.tokenLifetimeSeconds ?? this.tokenLifetimeSeconds;
+    this.issued.set(token, { expiresAtMs: Date.now() + lifetime * 1000, clientId });
     return Response.json({
       token_type: "Bearer",
-      expires_in: this.tokenLifetimeSeconds,
-      ext_expires_in: this.tokenLifetimeSeconds,
+      expires_in: lifetime,
+      ext_expires_in: lifetime,
       ...(this.refreshInSeconds === undefined ? {} : { refresh_in: this.refreshInSeconds }),
       access_token: token,
     });

@@ -60,3 +60,29 @@ export function startConnectProxy(): Promise<{ port: number; tunnels: string[]; 
     server.listen(0, "127.0.0.1", () => resolve({ port: (server.address() as net.AddressInfo).port, tunnels, close: () => server.close() })),
   );
 }
+
+/**
+ * Sends one request on a fresh keep-alive connection, reads the response,
+ * then stays idle: resolves with how long after the last byte the server
+ * closed the connection (or `undefined` if it was still open at `waitMs`).
+ */
+export function idleCloseAfterResponse(port: number, request: string, waitMs: number): Promise<{ closedAfterMs: number | undefined; response: string }> {
+  return new Promise((resolve, reject) => {
+    let response = "";
+    let lastByteAt = 0;
+    const socket = net.connect(port, "127.0.0.1", () => socket.write(request));
+    socket.on("data", (chunk: Buffer) => {
+      response += chunk.toString("latin1");
+      lastByteAt = Date.now();
+    });
+    socket.on("error", reject);
+    const timer = setTimeout(() => {
+      socket.destroy();
+      resolve({ closedAfterMs: undefined, response });
+    }, waitMs);
+    socket.on("close", () => {
+      clearTimeout(timer);
+      resolve({ closedAfterMs: Date.now() - lastByteAt, response });
+    });
+  });
+}
