@@ -11,7 +11,7 @@ BUILD := $(BUN) run build --define 'AUTH_PROXY_COMMIT="$(COMMIT)"'
 # bun-linux-x64 needs AVX2; X64_TARGET=bun-linux-x64-baseline runs on older CPUs.
 X64_TARGET ?= bun-linux-x64
 
-.PHONY: install test typecheck demo run build build-x64 test-binary image-check bench clean
+.PHONY: install test test-tools typecheck demo run build build-x64 test-binary image-check bench soak clean
 
 install: node_modules/.installed
 
@@ -23,7 +23,13 @@ node_modules/.installed: package.json package-lock.json
 typecheck: install
 	tsc --noEmit -p .
 
-test: install typecheck
+# promtool (Debian's prometheus package) checks the /metrics exposition and the alert rules in the suite.
+test-tools:
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing promtool (apt: prometheus)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool is needed by the tests: sudo apt-get install prometheus"; exit 1; fi; }
+
+test: install typecheck test-tools
 	$(BUN) test --timeout 60000
 
 demo: install
@@ -40,7 +46,7 @@ build: build-x64
 	@ls -l dist/
 
 # The whole suite against the compiled binary instead of `bun proxy.ts`.
-test-binary: build-x64
+test-binary: build-x64 test-tools
 	AUTH_PROXY_BIN=$(CURDIR)/dist/auth-proxy $(BUN) test --timeout 60000
 
 # What the scratch image holds, in a read-only chroot as uid 65532 (no Docker engine needed).
@@ -55,6 +61,11 @@ bench: build-x64
 	@missing=; for tool in wrk nginx taskset; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then echo "installing wrk and nginx (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx util-linux >/dev/null; fi
 	$(BUN) bench/run.ts
+
+# Minutes under load, hostile input and long silences (about 15 min); writes its section of bench/RESULTS.md.
+# Each proxied stream holds two sockets: the open-file limit is raised as far as the hard limit allows.
+soak: build-x64
+	ulimit -n $$(ulimit -Hn) && $(BUN) bench/soak.ts
 
 clean:
 	rm -rf node_modules dist

@@ -17,7 +17,7 @@ import { join } from "node:path";
 import type { Subprocess } from "bun";
 import { CertificateFactory } from "../test/certificates.ts";
 import { FakeEntraId } from "../test/fakes.ts";
-import { freePort, ROOT } from "../test/harness.ts";
+import { freePort, memoryKiB, ROOT, waitForStatus as waitFor } from "../test/harness.ts";
 
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 4);
@@ -47,22 +47,10 @@ function serve(command: string[], env: Record<string, string | undefined> = {}):
   return child;
 }
 
-async function waitFor(url: string, status = 200): Promise<void> {
-  const deadline = Date.now() + 15_000;
-  while (Date.now() < deadline) {
-    const response = await fetch(url).catch(() => undefined);
-    if (response?.status === status) return;
-    await Bun.sleep(20);
-  }
-  throw new Error(`${url} did not answer ${status}`);
-}
 
-function memoryKiB(pid: number, field: "VmRSS" | "VmHWM"): number {
-  return Number(new RegExp(`${field}:\\s+(\\d+)`).exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]);
-}
 
 /** wrk on the client CPU; returns p50 latency (ms), requests/s and bytes/s. */
-function wrk(url: string, connections: number, script?: string): { p50: number; rps: number; bytesPerSecond: number } {
+function wrk(url: string, connections: number, script?: string): { p50: number; rps: number; bytesPerSecond: number; requests: number } {
   const args = ["-c", CLIENT_CPU, "wrk", "-t1", `-c${connections}`, `-d${SECONDS}s`, "--latency", ...(script ? ["-s", script] : []), url];
   const output = execFileSync("taskset", args).toString();
   if (/Non-2xx|Socket errors/.test(output)) throw new Error(`wrk saw errors against ${url}:\n${output}`);
@@ -70,7 +58,12 @@ function wrk(url: string, connections: number, script?: string): { p50: number; 
   const p50 = /50%\s+([\d.]+)(us|ms|s)/.exec(output)!;
   const transfer = /Transfer\/sec:\s+([\d.]+)(B|KB|MB|GB)/.exec(output)!;
   const scale = ({ B: 1, KB: 1024, MB: 1024 ** 2, GB: 1024 ** 3 } as Record<string, number>)[transfer[2]!]!;
-  return { p50: toMs(p50[1]!, p50[2]!), rps: Number(/Requests\/sec:\s+([\d.]+)/.exec(output)![1]), bytesPerSecond: Number(transfer[1]) * scale };
+  return {
+    p50: toMs(p50[1]!, p50[2]!),
+    rps: Number(/Requests\/sec:\s+([\d.]+)/.exec(output)![1]),
+    bytesPerSecond: Number(transfer[1]) * scale,
+    requests: Number(/(\d+) requests in/.exec(output)![1]),
+  };
 }
 
 /** WebSocket echo round trips from the client CPU: median round trip (ms) and frames relayed per second. */
@@ -115,6 +108,10 @@ entra.register({ clientId: CLIENT_ID, certificates: [app.certificatePem] });
 const upstreamPort = freePort();
 serve([BUN, join(ROOT, "bench/upstream.ts"), String(upstreamPort)]);
 const upstream = `http://127.0.0.1:${upstreamPort}`;
+// The same upstream over TLS with the test CA, as Azure OpenAI always is.
+const tlsUpstreamPort = freePort();
+serve([BUN, join(ROOT, "bench/upstream.ts"), String(tlsUpstreamPort), certs.path("server.pem"), certs.path("server.key")]);
+const tlsUpstream = `https://127.0.0.1:${tlsUpstreamPort}`;
 await waitFor(`${upstream}/`);
 
 const proxyEnv = {
@@ -131,17 +128,35 @@ const proxyPort = freePort();
 const proxy = serve([PROXY_BINARY], { ...proxyEnv, PORT: String(proxyPort), LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? "info" });
 await waitFor(`http://127.0.0.1:${proxyPort}/health`);
 
+// The same build with access lines off (LOG_LEVEL=warn): what metrics and end-of-stream access lines cost.
+const quietProxyPort = freePort();
+serve([PROXY_BINARY], { ...proxyEnv, PORT: String(quietProxyPort), LOG_LEVEL: "warn" });
+await waitFor(`http://127.0.0.1:${quietProxyPort}/health`);
+const quietRps: number[] = [];
+const loudRps: number[] = [];
+
+const tlsProxyPort = freePort();
+serve([PROXY_BINARY], { ...proxyEnv, API_BASE_URL: tlsUpstream, PORT: String(tlsProxyPort), LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? "info" });
+await waitFor(`http://127.0.0.1:${tlsProxyPort}/health`);
+
 const barePort = freePort();
 serve([BUN, join(ROOT, "bench/bare-proxy.ts"), String(barePort), upstream], { BUN_CONFIG_MAX_HTTP_REQUESTS: "65535" });
 await waitFor(`http://127.0.0.1:${barePort}/`);
+const tlsBarePort = freePort();
+serve([BUN, join(ROOT, "bench/bare-proxy.ts"), String(tlsBarePort), tlsUpstream], { BUN_CONFIG_MAX_HTTP_REQUESTS: "65535", NODE_EXTRA_CA_CERTS: tls.caPath });
+await waitFor(`http://127.0.0.1:${tlsBarePort}/`);
 
 const nginxPort = freePort();
 const nginxDir = join(work, "nginx");
 execFileSync("mkdir", ["-p", nginxDir]);
+const nginxTlsPort = freePort();
 const nginxConf = readFileSync(join(ROOT, "bench/nginx.conf.template"), "utf8")
   .replaceAll("@DIR@", nginxDir)
   .replaceAll("@PORT@", String(nginxPort))
-  .replaceAll("@UPSTREAM_PORT@", String(upstreamPort));
+  .replaceAll("@UPSTREAM_PORT@", String(upstreamPort))
+  .replaceAll("@TLS_UPSTREAM_PORT@", String(tlsUpstreamPort))
+  .replaceAll("@TLS_PORT@", String(nginxTlsPort))
+  .replaceAll("@CA@", tls.caPath);
 writeFileSync(join(nginxDir, "nginx.conf"), nginxConf);
 serve(["nginx", "-c", join(nginxDir, "nginx.conf"), "-p", nginxDir]);
 await waitFor(`http://127.0.0.1:${nginxPort}/`);
@@ -159,6 +174,15 @@ const websocketTargets = ["direct", "nginx", "auth-proxy"];
 type WebSocketSample = { rtt1: number; rtt64: number; fps64: number };
 const websocketSamples: Record<string, WebSocketSample[]> = Object.fromEntries(websocketTargets.map((name) => [name, []]));
 const REALTIME_PATH = "/openai/v1/realtime?model=gpt-realtime";
+/** The same four in front of the upstream over TLS. */
+const tlsTargets: Record<string, string> = {
+  direct: tlsUpstream,
+  nginx: `http://127.0.0.1:${nginxTlsPort}`,
+  "Bun floor": `http://127.0.0.1:${tlsBarePort}`,
+  "auth-proxy": `http://127.0.0.1:${tlsProxyPort}`,
+};
+type TlsSample = { post1: number; rps64: number };
+const tlsSamples: Record<string, TlsSample[]> = Object.fromEntries(Object.keys(tlsTargets).map((name) => [name, []]));
 
 // ---------------------------------------------------------------- load
 
@@ -173,6 +197,13 @@ for (let round = 0; round < ROUNDS; round++) {
     const sse1 = sse(`${base}/sse`, 1, 5);
     const sse64 = sse(`${base}/sse`, 64, 2);
     const mb = wrk(`${base}/1mb`, 8);
+    if (name === "auth-proxy") {
+      // Interleaved with the same build at LOG_LEVEL=warn, so both see the same machine.
+      quietRps.push(wrk(`http://127.0.0.1:${quietProxyPort}${CHAT_PATH}`, 64, join(ROOT, "bench/post.lua")).rps);
+      loudRps.push(post64.rps);
+    }
+    const tlsBase = tlsTargets[name]!;
+    tlsSamples[name]!.push({ post1: wrk(tlsBase + CHAT_PATH, 1, join(ROOT, "bench/post.lua")).p50, rps64: wrk(tlsBase + CHAT_PATH, 64, join(ROOT, "bench/post.lua")).rps });
     if (websocketTargets.includes(name)) {
       const wsUrl = base.replace("http:", "ws:") + REALTIME_PATH;
       const one = websocketLoad(wsUrl, 1);
@@ -184,6 +215,11 @@ for (let round = 0; round < ROUNDS; round++) {
   }
 }
 const peakAfterAllLoads = memoryKiB(proxy.pid, "VmHWM");
+
+// Does auth-proxy reuse its TLS connections to the upstream? The upstream counts the connections it accepted.
+await fetch(`${tlsUpstream}/stats?reset`, { tls: { ca: readFileSync(tls.caPath, "utf8") } });
+const reuse = wrk(`http://127.0.0.1:${tlsProxyPort}${CHAT_PATH}`, 64, join(ROOT, "bench/post.lua"));
+const tlsConnections = ((await (await fetch(`${tlsUpstream}/stats`, { tls: { ca: readFileSync(tls.caPath, "utf8") } })).json()) as { connections: number }).connections;
 
 // Memory on a fresh proxy, so each figure has one cause: idle, after the
 // POST c=64 run, with 1,000 concurrent slow SSE streams (20 events 500 ms
@@ -246,6 +282,9 @@ const wsMedian = (name: string, key: keyof WebSocketSample) => median(websocketS
 const wsRow = (label: string, key: keyof WebSocketSample, digits: number) =>
   `| ${label} | ${names.map((name) => (websocketTargets.includes(name) ? (digits === 0 ? Math.round(wsMedian(name, key)).toLocaleString("en-US") : wsMedian(name, key).toFixed(digits)) : "–")).join(" | ")} |`;
 const wsAdded = wsMedian("auth-proxy", "rtt1") - wsMedian("direct", "rtt1");
+const tlsMedian = (name: string, key: keyof TlsSample) => median(tlsSamples[name]!.map((sample) => sample[key]));
+const tlsRow = (label: string, key: keyof TlsSample, digits: number) =>
+  `| ${label} | ${names.map((name) => (digits === 0 ? Math.round(tlsMedian(name, key)).toLocaleString("en-US") : tlsMedian(name, key).toFixed(digits))).join(" | ")} |`;
 const added = (key: keyof Sample) => m("auth-proxy", key) - m("direct", key);
 const verdict = (ok: boolean) => (ok ? "met" : "**not met**");
 
@@ -256,6 +295,8 @@ const checks = [
   [`Throughput at c=64 ≥ 0.75 × nginx`, `${(m("auth-proxy", "rps64") / m("nginx", "rps64")).toFixed(2)} × nginx (Bun floor ${(m("Bun floor", "rps64") / m("nginx", "rps64")).toFixed(2)} ×)`, m("auth-proxy", "rps64") / m("nginx", "rps64") >= 0.75],
   [`SSE time to first byte ≤ direct + 1 ms (c=1 / c=64)`, `+${added("sse1Ttfb").toFixed(2)} / +${added("sse64Ttfb").toFixed(2)} ms`, added("sse1Ttfb") <= 1 && added("sse64Ttfb") <= 1],
   [`SSE total time within 2 % of direct at c=64`, `${((m("auth-proxy", "sse64Total") / m("direct", "sse64Total") - 1) * 100).toFixed(2)} %`, m("auth-proxy", "sse64Total") / m("direct", "sse64Total") <= 1.02],
+  [`Access lines (and metrics) on ≥ 0.95 × the same build at LOG_LEVEL=warn, c=64`, `${(median(loudRps) / median(quietRps)).toFixed(3)} × (${Math.round(median(loudRps)).toLocaleString("en-US")} vs ${Math.round(median(quietRps)).toLocaleString("en-US")} req/s)`, median(loudRps) / median(quietRps) >= 0.95],
+  [`Upstream over TLS: connections reused (≤ 128 TLS connections for a c=64 run)`, `${(tlsMedian("auth-proxy", "rps64") / tlsMedian("nginx", "rps64")).toFixed(2)} × nginx over TLS (plain HTTP in the same run: ${(m("auth-proxy", "rps64") / m("nginx", "rps64")).toFixed(2)} ×); ${reuse.requests.toLocaleString("en-US")} requests at c=64 used ${tlsConnections} upstream TLS connections`, tlsConnections <= 64 * 2],
   [`WebSocket round trip p50 at 1 session ≤ direct + 0.3 ms`, `+${wsAdded.toFixed(3)} ms (nginx +${(wsMedian("nginx", "rtt1") - wsMedian("direct", "rtt1")).toFixed(3)} ms); 64 sessions: ${(wsMedian("auth-proxy", "fps64") / wsMedian("nginx", "fps64")).toFixed(2)} × nginx's frames/s`, wsAdded <= 0.3],
   [`Idle RSS ≤ 40 MB (compiled, MSAL loaded)`, `${mb(idleRss)} MB (compiled Bun floor, no MSAL: ${mb(floorIdleRss)} MB)`, idleRss <= 40 * 1024],
   [`Peak RSS after the c=64 run ≤ 64 MB`, `${mb(peakAfterLoad)} MB (compiled Bun floor: ${mb(floorPeakAfterLoad)} MB; auth-proxy after every load above, 1 MB bodies included: ${mb(peakAfterAllLoads)} MB)`, peakAfterLoad <= 64 * 1024],
@@ -278,6 +319,8 @@ const table = [
   row("SSE c=64: time to first byte (ms)", "sse64Ttfb"),
   row("SSE c=64: total (ms)", "sse64Total"),
   row("1 MB GET, c=8: MB/s", "mbps", 0),
+  tlsRow("Upstream over TLS: POST c=1 p50 latency (ms)", "post1", 3),
+  tlsRow("Upstream over TLS: POST c=64 requests/s", "rps64", 0),
   wsRow("WebSocket echo, 1 session: round trip p50 (ms)", "rtt1", 3),
   wsRow("WebSocket echo, 64 sessions: round trip p50 (ms)", "rtt64", 3),
   wsRow("WebSocket echo, 64 sessions: frames/s (both ways)", "fps64", 0),

@@ -1,11 +1,19 @@
 /**
- * The benchmark's upstream: a fast fake Azure OpenAI. POST answers a ~1 KB
- * chat completion; /sse streams 50 events 5 ms apart; /slow-sse 20 events
- * 500 ms apart (for the 1,000-stream memory run); /1mb a 1 MB body; a
- * WebSocket upgrade on any path echoes every frame.
- * Usage: bun bench/upstream.ts <port>
+ * The benchmark's and the soak's upstream: a fast fake Azure OpenAI.
+ * POST answers a ~1 KB chat completion; /sse streams 50 events 5 ms apart;
+ * /slow-sse 20 events 500 ms apart; /1mb a 1 MB body; /hold?events=N&interval=MS
+ * N events then `data: [DONE]`; /silent?ms= answers after a silence;
+ * /silent-stream?ms= one event, a silence, one more; /stats counts streams
+ * started, completed and abandoned by the client (`?reset` zeroes them) and
+ * the TCP (or TLS) connections accepted; a WebSocket upgrade on any path
+ * echoes every frame.
+ * Usage: bun bench/upstream.ts <port> [<tls-cert.pem> <tls-key.pem>]
  */
+import { readFileSync } from "node:fs";
+
 const port = Number(process.argv[2] ?? 9000);
+const [certPath, keyPath] = process.argv.slice(3);
+const tls = certPath && keyPath ? { cert: readFileSync(certPath, "utf8"), key: readFileSync(keyPath, "utf8") } : undefined;
 
 const completion = JSON.stringify({
   id: "chatcmpl-bench",
@@ -19,37 +27,99 @@ const completionHeaders = { "content-type": "application/json" };
 const sseHeaders = { "content-type": "text/event-stream", "cache-control": "no-cache" };
 const oneMegabyte = new Uint8Array(1 << 20).fill(97);
 const encoder = new TextEncoder();
+const stats = { started: 0, completed: 0, abandoned: 0 };
+/** Each connection's client port, seen once: a new port is a new TCP (and TLS) connection. */
+const connectionPorts = new Set<number>();
 
-function eventStream(events: number, intervalMs: number): Response {
+/** `events` SSE events `intervalMs` apart; with `done`, a final `data: [DONE]`. Counts how the stream ended. */
+function eventStream(req: Request, events: number, intervalMs: number, done = false): Response {
+  stats.started += 1;
+  let ended = false;
+  const end = (how: "completed" | "abandoned") => {
+    if (!ended) stats[how] += 1;
+    ended = true;
+  };
   const body = new ReadableStream({
     type: "direct",
     async pull(controller) {
-      for (let index = 0; index < events; index++) {
-        if (index > 0) await Bun.sleep(intervalMs);
-        controller.write(encoder.encode(`data: {"index":${index},"choices":[{"delta":{"content":"token"}}]}\n\n`));
-        await controller.flush();
+      try {
+        for (let index = 0; index < events; index++) {
+          if (index > 0) await Bun.sleep(intervalMs);
+          if (req.signal.aborted || ended) throw new Error("client gone");
+          controller.write(encoder.encode(`data: {"index":${index},"choices":[{"delta":{"content":"token"}}]}\n\n`));
+          await controller.flush();
+        }
+        if (done) controller.write(encoder.encode("data: [DONE]\n\n"));
+        controller.close();
+        end("completed");
+      } catch {
+        end("abandoned");
       }
-      controller.close();
+    },
+    cancel() {
+      end("abandoned");
     },
   });
   return new Response(body, { headers: sseHeaders });
 }
 
-Bun.serve({
+function query(url: string, name: string, fallback: number): number {
+  const match = new RegExp(`[?&]${name}=(\\d+)`).exec(url);
+  return match ? Number(match[1]) : fallback;
+}
+
+const server = Bun.serve({
   hostname: "127.0.0.1",
   port,
+  tls,
   idleTimeout: 0,
   async fetch(req, server) {
+    const client = server.requestIP(req);
+    if (client) connectionPorts.add(client.port);
     if (req.headers.get("upgrade") === "websocket" && server.upgrade(req, { data: undefined })) return undefined;
     const url = req.url;
     if (req.method === "POST") {
       await req.arrayBuffer();
       return new Response(completion, { headers: completionHeaders });
     }
-    if (url.endsWith("/slow-sse")) return eventStream(20, 500);
-    if (url.endsWith("/sse")) return eventStream(50, 5);
-    if (url.endsWith("/1mb")) return new Response(oneMegabyte);
-    return new Response("ok");
+    const path = url.slice(url.indexOf("/", url.indexOf("//") + 2)).split("?")[0]!;
+    switch (path) {
+      case "/slow-sse":
+        return eventStream(req, 20, 500);
+      case "/sse":
+        return eventStream(req, 50, 5);
+      case "/hold":
+        return eventStream(req, query(url, "events", 10), query(url, "interval", 1000), true);
+      case "/1mb":
+        return new Response(oneMegabyte);
+      case "/silent":
+        await Bun.sleep(query(url, "ms", 1000));
+        return Response.json({ late: true });
+      case "/silent-stream": {
+        const silence = query(url, "ms", 1000);
+        const body = new ReadableStream({
+          type: "direct",
+          async pull(controller) {
+            controller.write('data: {"before":"silence"}\n\n');
+            await controller.flush();
+            await Bun.sleep(silence);
+            controller.write('data: {"after":"silence"}\n\n');
+            controller.close();
+          },
+        });
+        return new Response(body, { headers: sseHeaders });
+      }
+      case "/stats": {
+        const snapshot = { ...stats, connections: connectionPorts.size };
+        if (url.includes("reset")) {
+          Object.assign(stats, { started: 0, completed: 0, abandoned: 0 });
+          connectionPorts.clear();
+        }
+        return Response.json(snapshot);
+      }
+      default:
+        return new Response("ok");
+    }
   },
   websocket: {
     idleTimeout: 0,
@@ -58,3 +128,4 @@ Bun.serve({
     },
   },
 });
+void server;

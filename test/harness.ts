@@ -3,6 +3,7 @@
  * everything it prints so tests can assert on log lines and prove that no
  * secret ever appears in them.
  */
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
 
@@ -156,4 +157,20 @@ export async function startProxy(env: Record<string, string | undefined>, args: 
 
 export async function stopAllProxies(): Promise<void> {
   await Promise.all([...running].map((proxy) => proxy.stop()));
+}
+
+/** Polls `url` until it answers `status`, for 15 s at most: for servers the benchmark and soak start. */
+export async function waitForStatus(url: string, status = 200): Promise<void> {
+  const deadline = Date.now() + 15_000;
+  while (Date.now() < deadline) {
+    const response = await fetch(url).catch(() => undefined);
+    if (response?.status === status) return;
+    await Bun.sleep(20);
+  }
+  throw new Error(`${url} did not answer ${status}`);
+}
+
+/** A process's resident (VmRSS) or peak resident (VmHWM) memory, in KiB. */
+export function memoryKiB(pid: number, field: "VmRSS" | "VmHWM"): number {
+  return Number(new RegExp(`${field}:\\s+(\\d+)`).exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]);
 }
