@@ -6,7 +6,8 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createHash, randomBytes, X509Certificate } from "node:crypto";
-import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import net from "node:net";
 import { join } from "node:path";
 import { Deployment } from "kubernetes-models/apps/v1/Deployment";
 import { Secret } from "kubernetes-models/v1/Secret";
@@ -33,6 +34,7 @@ import { CertificateFactory, type ClientCertificate } from "./test/certificates.
 import { type AppRegistration, FakeAzureOpenAI, FakeEntraId, FakeRealtime, patternBytes } from "./test/fakes.ts";
 import { allOutput, freePort, ROOT, spawnProxy, startProxy, stopAllProxies, type ProxyProcess } from "./test/harness.ts";
 import { idleCloseAfterResponse, openStream, rawRequest, startConnectProxy } from "./test/http.ts";
+import { promtool, scrape, valueOf } from "./test/prometheus.ts";
 import { rawUpgrade, TestSocket } from "./test/websocket.ts";
 
 const CLIENT_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
@@ -534,6 +536,38 @@ describe("Forwarding", () => {
     expect(kib("VmHWM") - rssBefore).toBeLessThan(25 * 1024);
   });
 
+  test("a 300 MB response read slowly arrives whole while the proxy's memory stays flat", async () => {
+    const status = () => readFileSync(`/proc/${proxy.proc.pid}/status`, "utf8");
+    const kib = (field: string) => Number(new RegExp(`${field}:\\s+(\\d+)`).exec(status())![1]);
+    const before = kib("VmRSS");
+    let peak = before;
+    const MB = 300;
+    const total = MB * 1024 * 1024;
+    const received = await new Promise<number>((resolve, reject) => {
+      let bytes = 0;
+      let sinceLastPause = 0;
+      const socket = net.connect(proxy.port, "127.0.0.1", () => socket.write(`GET /test/big?mb=${MB} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n`));
+      socket.on("data", (chunk: Buffer) => {
+        bytes += chunk.length;
+        sinceLastPause += chunk.length;
+        // About 40 MB/s: a client far slower than the upstream.
+        if (sinceLastPause >= 1024 * 1024) {
+          sinceLastPause = 0;
+          socket.pause();
+          peak = Math.max(peak, kib("VmRSS"));
+          setTimeout(() => socket.resume(), 25);
+        }
+      });
+      socket.on("error", reject);
+      socket.on("close", () => resolve(bytes));
+    });
+    // The body, its head and (Bun re-frames a long streamed body as chunked) its chunk-size lines.
+    expect(received).toBeGreaterThan(total);
+    expect(received).toBeLessThan(total * 1.001);
+    console.log(`300 MB read slowly: proxy RSS ${Math.round(before / 1024)} MB before, peak ${Math.round(peak / 1024)} MB`);
+    expect(peak - before).toBeLessThan(32 * 1024);
+  }, 60_000);
+
   test("a chunked upload of unknown length arrives byte-exact", async () => {
     const parts = [randomBytes(100_000), randomBytes(3), randomBytes(70_000)];
     const expected = createHash("sha256").update(Buffer.concat(parts)).digest("hex");
@@ -995,9 +1029,9 @@ function sha256(data: string | Buffer): string {
   return createHash("sha256").update(data).digest("hex");
 }
 
-async function waitFor(condition: () => boolean, timeoutMs: number): Promise<void> {
+async function waitFor(condition: () => boolean | Promise<boolean>, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
+  while (!(await condition())) {
     if (Date.now() > deadline) throw new Error(`condition not met within ${timeoutMs} ms`);
     await Bun.sleep(5);
   }
@@ -1309,6 +1343,323 @@ describe("Logs", () => {
   });
 });
 
+// ---------------------------------------------------------------- admin listener and observability
+
+const METRIC_FAMILIES = [
+  ["auth_proxy_build_info", "gauge"],
+  ["auth_proxy_requests_total", "counter"],
+  ["auth_proxy_request_duration_seconds", "histogram"],
+  ["auth_proxy_time_to_first_byte_seconds", "histogram"],
+  ["auth_proxy_response_duration_seconds", "histogram"],
+  ["auth_proxy_requests_in_flight", "gauge"],
+  ["auth_proxy_request_bytes_total", "counter"],
+  ["auth_proxy_response_bytes_total", "counter"],
+  ["auth_proxy_upstream_errors_total", "counter"],
+  ["auth_proxy_websocket_sessions", "gauge"],
+  ["auth_proxy_websocket_sessions_total", "counter"],
+  ["auth_proxy_token_acquisitions_total", "counter"],
+  ["auth_proxy_token_expiration_timestamp_seconds", "gauge"],
+  ["auth_proxy_token_last_success_timestamp_seconds", "gauge"],
+  ["auth_proxy_certificate_expiration_timestamp_seconds", "gauge"],
+  ["auth_proxy_upstream_ratelimit_remaining", "gauge"],
+  ["process_cpu_seconds_total", "counter"],
+  ["process_resident_memory_bytes", "gauge"],
+  ["process_start_time_seconds", "gauge"],
+  ["process_open_fds", "gauge"],
+] as const;
+
+describe("Admin listener", () => {
+  test("ADMIN_PORT serves /health, /live and /metrics; anything else is 404 and never reaches the upstream", async () => {
+    const adminPort = freePort();
+    const proxy = await startProxy(baseEnv({ ADMIN_PORT: String(adminPort), ADMIN_HOST: "127.0.0.1" }));
+    await proxy.waitForHealth();
+    const admin = `http://127.0.0.1:${adminPort}`;
+    expect(await (await fetch(`${admin}/health`)).json()).toEqual({ status: "ok" });
+    expect(await (await fetch(`${admin}/live`)).json()).toEqual({ status: "ok" });
+    expect((await fetch(`${admin}/metrics`)).status).toBe(200);
+    expect((await fetch(`${admin}/health`, { method: "HEAD" })).status).toBe(200);
+    const receivedBefore = upstream.received.length;
+    for (const [method, path] of [["GET", "/openai/models"], ["POST", "/openai/deployments/gpt-4o/chat/completions"], ["POST", "/health"], ["GET", "/metrics?x"], ["GET", "/"]]) {
+      const response = await fetch(`${admin}${path}`, { method: method!, body: method === "POST" ? "{}" : undefined });
+      expect(response.status).toBe(404);
+      expect((await readJson(response)).error.code).toBe("not_found");
+    }
+    expect(upstream.received.length).toBe(receivedBefore);
+    const started = proxy.lines.find((line) => line.msg === "auth-proxy started")!;
+    expect(started.admin_listen).toBe(`127.0.0.1:${adminPort}`);
+    await proxy.stop();
+  });
+
+  test("probes driven as kubelet would, on the admin port: startup without a token, token held, token lost, shutdown", async () => {
+    const adminPort = freePort();
+    const clientId = "1e000000-0000-4000-8000-0000000000a1";
+    entra.register({ clientId, certificates: [appCertificate.certificatePem], answer: () => new Response("unavailable", { status: 503 }) });
+    const proxy = await startProxy(baseEnv({ AZURE_CLIENT_ID: clientId, ADMIN_PORT: String(adminPort), ADMIN_HOST: "127.0.0.1", SHUTDOWN_TIMEOUT: "2" }));
+    const probe = async (path: string) => (await fetch(`http://127.0.0.1:${adminPort}${path}`, { signal: AbortSignal.timeout(1000) }).catch(() => undefined))?.status;
+    // Starting: live, not ready (the startupProbe and readinessProbe keep the app waiting).
+    expect(await probe("/live")).toBe(200);
+    expect(await probe("/health")).toBe(503);
+    // A token arrives at the next retry.
+    entra.register({ clientId, certificates: [appCertificate.certificatePem], tokenLifetimeSeconds: 4 });
+    await waitFor(async () => (await probe("/health")) === 200, 10_000);
+    // The identity provider goes away: the token runs out, readiness fails, liveness holds.
+    entra.register({ clientId, certificates: [appCertificate.certificatePem], answer: () => new Response("unavailable", { status: 503 }) });
+    await waitFor(async () => (await probe("/health")) === 503, 10_000);
+    expect(await probe("/live")).toBe(200);
+    // Shutdown: readiness fails at once while in-flight work drains; the admin listener goes with the process.
+    entra.register({ clientId, certificates: [appCertificate.certificatePem], tokenLifetimeSeconds: 3600 });
+    await waitFor(async () => (await probe("/health")) === 200, 10_000);
+    const stream = await fetch(`${proxy.url}/test/stream?ms=1500&interval=100`);
+    const reader = stream.body!.getReader();
+    await reader.read();
+    proxy.proc.kill("SIGTERM");
+    await proxy.waitForLog((line) => line.msg === "shutting down");
+    expect(await probe("/health")).toBe(503);
+    while (!(await reader.read()).done);
+    expect(await proxy.exited).toBe(0);
+    expect(await probe("/live")).toBeUndefined();
+  }, 40_000);
+
+  test("the manifests probe the admin port over HTTP and keep the proxy on loopback", () => {
+    for (const file of ["native-sidecar.yaml", "classic-sidecar.yaml", "workload-identity.yaml"].filter((name) => existsSync(join(ROOT, "deploy/kubernetes", name)))) {
+      const docs = ([] as any[]).concat(Bun.YAML.parse(readFileSync(join(ROOT, "deploy/kubernetes", file), "utf8")));
+      const deployment = docs.find((doc) => doc.kind === "Deployment");
+      const proxy = [...(deployment.spec.template.spec.initContainers ?? []), ...deployment.spec.template.spec.containers].find((c: any) => c.name === "auth-proxy");
+      const env = Object.fromEntries(proxy.env.map((e: any) => [e.name, e.value]));
+      expect(env.HOST).toBe("127.0.0.1");
+      const adminPort = Number(env.ADMIN_PORT);
+      expect([8080, 8081, 9090]).not.toContain(adminPort);
+      expect(adminPort >= 15000 && adminPort <= 15090).toBe(false);
+      expect(proxy.ports.find((port: any) => port.name === "admin").containerPort).toBe(adminPort);
+      expect(proxy.startupProbe.httpGet).toMatchObject({ path: "/health", port: "admin" });
+      expect(proxy.readinessProbe.httpGet).toMatchObject({ path: "/health", port: "admin" });
+      expect(proxy.livenessProbe.httpGet).toMatchObject({ path: "/live", port: "admin" });
+    }
+  });
+});
+
+describe("Observability", () => {
+  let proxy: ProxyProcess;
+  let adminPort: number;
+  beforeAll(async () => {
+    adminPort = freePort();
+    proxy = await startProxy(baseEnv({ ADMIN_PORT: String(adminPort), ADMIN_HOST: "127.0.0.1" }));
+    await proxy.waitForHealth();
+  });
+  afterAll(() => proxy.stop());
+  const metricsOf = () => scrape(proxy.url);
+
+  test("/metrics on both listeners is Prometheus text 0.0.4 that promtool accepts, with HELP and TYPE for every contract family", async () => {
+    await fetch(`${proxy.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21`, { method: "POST", body: "{}" }).then((r) => r.text());
+    for (const url of [proxy.url, `http://127.0.0.1:${adminPort}`]) {
+      const { text, contentType } = await scrape(url);
+      expect(contentType).toBe("text/plain; version=0.0.4; charset=utf-8");
+      for (const [name, type] of METRIC_FAMILIES) {
+        expect(text).toContain(`# HELP ${name} `);
+        expect(text).toContain(`# TYPE ${name} ${type}\n`);
+      }
+      const lint = await promtool(["check", "metrics"], text);
+      expect(lint.output).toBe("");
+      expect(lint.exitCode).toBe(0);
+    }
+    const { samples } = await metricsOf();
+    expect(valueOf(samples, "auth_proxy_build_info", { version: packageJson.version })).toBe(1);
+    const certificateExpiry = valueOf(samples, "auth_proxy_certificate_expiration_timestamp_seconds")!;
+    expect(certificateExpiry * 1000).toBe(Date.parse(new X509Certificate(appCertificate.certificatePem).validTo));
+    const tokenExpiry = valueOf(samples, "auth_proxy_token_expiration_timestamp_seconds")!;
+    expect(tokenExpiry * 1000).toBeGreaterThan(Date.now() + 3500_000);
+    expect(valueOf(samples, "auth_proxy_token_last_success_timestamp_seconds")! * 1000).toBeLessThanOrEqual(Date.now());
+    expect(valueOf(samples, "process_resident_memory_bytes")!).toBeGreaterThan(10e6);
+    expect(valueOf(samples, "auth_proxy_upstream_ratelimit_remaining", { kind: "requests" })).toBe(99);
+    expect(valueOf(samples, "auth_proxy_upstream_ratelimit_remaining", { kind: "tokens" })).toBe(12345);
+  });
+
+  test("plain and streamed requests move the request, duration, first-byte and byte families", async () => {
+    const before = (await metricsOf()).samples;
+    const post = { method: "POST", deployment: "gpt-4o", code: "200" };
+    const body = JSON.stringify({ messages: [{ role: "user", content: "Hi" }] });
+    const completion = await (await fetch(`${proxy.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21`, { method: "POST", body })).text();
+    const sse = await (await fetch(`${proxy.url}/test/sse?events=7`)).text();
+    const after = (await metricsOf()).samples;
+    const delta = (name: string, labels: Record<string, string> = {}) => (valueOf(after, name, labels) ?? 0) - (valueOf(before, name, labels) ?? 0);
+    expect(delta("auth_proxy_requests_total", post)).toBe(1);
+    expect(delta("auth_proxy_requests_total", { method: "GET", deployment: "", code: "200" })).toBe(1);
+    for (const histogram of ["auth_proxy_request_duration_seconds", "auth_proxy_time_to_first_byte_seconds", "auth_proxy_response_duration_seconds"]) {
+      expect(delta(`${histogram}_count`, { method: "POST", deployment: "gpt-4o" })).toBe(1);
+      expect(delta(`${histogram}_count`, { method: "GET", deployment: "" })).toBe(1);
+      expect(delta(`${histogram}_bucket`, { method: "GET", deployment: "", le: "+Inf" })).toBe(1);
+    }
+    expect(delta("auth_proxy_request_bytes_total")).toBe(body.length);
+    expect(delta("auth_proxy_response_bytes_total")).toBe(completion.length + sse.length);
+    expect(valueOf(after, "auth_proxy_requests_in_flight")).toBe(0);
+  });
+
+  test("an open stream counts in flight; a client that aborts it is a 499 with aborted: true and a client_abort", async () => {
+    const before = (await metricsOf()).samples;
+    const controller = new AbortController();
+    const stream = await fetch(`${proxy.url}/test/stream?ms=30000&interval=50`, { signal: controller.signal });
+    const reader = stream.body!.getReader();
+    await reader.read();
+    expect(valueOf((await metricsOf()).samples, "auth_proxy_requests_in_flight")).toBe(1);
+    controller.abort();
+    const line = await proxy.waitForLog((entry) => entry.msg === "request" && entry.path === "/test/stream" && entry.status === 499);
+    expect(line).toMatchObject({ aborted: true, method: "GET" });
+    expect(line.bytes_out as number).toBeGreaterThan(0);
+    const after = (await metricsOf()).samples;
+    expect((valueOf(after, "auth_proxy_requests_total", { code: "499" }) ?? 0) - (valueOf(before, "auth_proxy_requests_total", { code: "499" }) ?? 0)).toBe(1);
+    expect(valueOf(after, "auth_proxy_upstream_errors_total", { reason: "client_abort" })! - valueOf(before, "auth_proxy_upstream_errors_total", { reason: "client_abort" })!).toBe(1);
+    expect(valueOf(after, "auth_proxy_requests_in_flight")).toBe(0);
+  });
+
+  test("an upstream 401 is counted and its token refresh too; an unreachable upstream is a 502 and a connect error", async () => {
+    const before = (await metricsOf()).samples;
+    await (await fetch(`${proxy.url}/test/status?code=401`)).text();
+    await proxy.waitForLog((line) => line.msg === "token acquired" && line.trigger === "upstream answered 401");
+    const after = (await metricsOf()).samples;
+    expect(valueOf(after, "auth_proxy_requests_total", { code: "401" })! - (valueOf(before, "auth_proxy_requests_total", { code: "401" }) ?? 0)).toBe(1);
+    expect(valueOf(after, "auth_proxy_token_acquisitions_total", { result: "success" })! - valueOf(before, "auth_proxy_token_acquisitions_total", { result: "success" })!).toBe(1);
+
+    const orphan = await startProxy(baseEnv({ API_BASE_URL: `http://127.0.0.1:${freePort()}` }));
+    await orphan.waitForHealth();
+    expect((await fetch(`${orphan.url}/openai/models`)).status).toBe(502);
+    const orphaned = (await scrape(orphan.url)).samples;
+    expect(valueOf(orphaned, "auth_proxy_upstream_errors_total", { reason: "connect" })).toBe(1);
+    expect(valueOf(orphaned, "auth_proxy_requests_total", { code: "502" })).toBe(1);
+    await orphan.stop();
+  });
+
+  test("a failing identity provider counts failures; no token means no expiration sample", async () => {
+    const clientId = "1e000000-0000-4000-8000-0000000000a2";
+    entra.register({ clientId, certificates: [appCertificate.certificatePem], answer: () => new Response("down", { status: 503 }) });
+    const failing = await startProxy(baseEnv({ AZURE_CLIENT_ID: clientId }));
+    await failing.waitForLog((line) => line.msg === "token acquisition failed");
+    const { samples, text } = await scrape(failing.url);
+    expect(valueOf(samples, "auth_proxy_token_acquisitions_total", { result: "failure" })).toBeGreaterThanOrEqual(1);
+    expect(valueOf(samples, "auth_proxy_token_acquisitions_total", { result: "success" })).toBe(0);
+    expect(valueOf(samples, "auth_proxy_token_expiration_timestamp_seconds")).toBeUndefined();
+    expect(valueOf(samples, "auth_proxy_token_last_success_timestamp_seconds")).toBeUndefined();
+    expect((await promtool(["check", "metrics"], text)).exitCode).toBe(0);
+    await failing.stop();
+  });
+
+  test("the access line is written when the body ends: duration to the end, upstream and first-byte times, bytes, request ids", async () => {
+    upstream.gated = true;
+    try {
+      // Bun sends a streamed response's head with its first chunk: the first event is released first.
+      upstream.releaseEvent();
+      const response = await fetch(`${proxy.url}/test/sse?events=3&trace=1`, { headers: { "x-ms-client-request-id": "client-req-7" } });
+      const reader = response.body!.getReader();
+      await reader.read();
+      await Bun.sleep(300);
+      upstream.releaseEvent();
+      upstream.releaseEvent();
+      let bytes = 0;
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        bytes += value.length;
+      }
+      const line = await proxy.waitForLog((entry) => entry.msg === "request" && entry.path === "/test/sse" && entry.client_request_id === "client-req-7");
+      expect(line.duration_ms as number).toBeGreaterThanOrEqual(300);
+      expect(line.upstream_ms as number).toBeLessThan(line.duration_ms as number);
+      expect(line.ttfb_ms as number).toBeLessThan(300);
+      expect(line.bytes_out).toBe(bytes + '{"event":0}'.length + "data: \n\n".length);
+      expect(line.bytes_in).toBe(0);
+      expect(line.status).toBe(200);
+    } finally {
+      upstream.gated = false;
+    }
+    await (await fetch(`${proxy.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21`, { method: "POST", body: '{"n":"bytes-in-check"}' })).text();
+    const completion = await proxy.waitForLog((entry) => entry.msg === "request" && entry.deployment === "gpt-4o" && entry.bytes_in === 22);
+    expect(String(completion.request_id)).toStartWith("chatcmpl-");
+  });
+
+  test("every metric a Grafana panel queries exists in a scrape", async () => {
+    await (await fetch(`${proxy.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21`, { method: "POST", body: "{}" })).text();
+    const dashboard = JSON.parse(readFileSync(join(ROOT, "deploy/monitoring/grafana-dashboard.json"), "utf8"));
+    const expressions: string[] = dashboard.panels.flatMap((panel: any) => panel.targets.map((target: any) => target.expr));
+    expect(dashboard.panels.length).toBeGreaterThanOrEqual(8);
+    const queried = new Set(expressions.flatMap((expr) => expr.match(/\b(auth_proxy|process)_[a-z_]+/g) ?? []));
+    expect(queried.size).toBeGreaterThanOrEqual(12);
+    const scraped = new Set((await metricsOf()).samples.map((sample) => sample.name));
+    for (const name of queried) expect(scraped.has(name), name).toBe(true);
+  });
+
+  test("10,000 requests with random deployment names: 51 deployment label values, RSS within 5 MB", async () => {
+    const fresh = await startProxy(baseEnv({ LOG_LEVEL: "warn" }));
+    await fresh.waitForHealth();
+    const rss = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${fresh.proc.pid}/status`, "utf8"))![1]);
+    const load = async (count: number, name: () => string) => {
+      let next = 0;
+      await Promise.all(Array.from({ length: 50 }, async () => {
+        while (next < count) {
+          next += 1;
+          await (await fetch(`${fresh.url}/openai/deployments/${name()}/chat/completions`, { method: "POST", body: "{}" })).text();
+        }
+      }));
+    };
+    // The same load with one name first, so the figure is what the names cost, not 50 connections warming up.
+    await load(10_000, () => "warm");
+    const before = rss();
+    await load(10_000, () => randomBytes(8).toString("hex"));
+    const { samples, text } = await scrape(fresh.url);
+    const deployments = new Set(samples.filter((sample) => sample.name === "auth_proxy_requests_total").map((sample) => sample.labels.deployment));
+    expect(deployments.size).toBe(51);
+    expect(deployments.has("other")).toBe(true);
+    expect(valueOf(samples, "auth_proxy_requests_total", { deployment: "other" })).toBe(10_000 - 49);
+    expect(text.length).toBeLessThan(1_000_000);
+    expect(rss() - before).toBeLessThan(5 * 1024);
+    await fresh.stop();
+  }, 60_000);
+});
+
+describe("Certificates", () => {
+  test("the startup line and --check name both thumbprints; a certificate expiring within 30 days is a warning", async () => {
+    const sha1 = new X509Certificate(appCertificate.certificatePem).fingerprint.replace(/:/g, "");
+    const proxy = await startProxy(baseEnv());
+    const started = await proxy.waitForLog((line) => line.msg === "auth-proxy started");
+    expect(started).toMatchObject({ certificate_thumbprint: thumbprintOf(appCertificate.certificatePem), certificate_thumbprint_sha1: sha1 });
+    // The test certificates live two days.
+    const warning = await proxy.waitForLog((line) => line.msg === "the certificate expires soon; upload and mount a new one");
+    expect(warning).toMatchObject({ level: "warn", certificate_thumbprint_sha1: sha1 });
+    expect(warning.days_left as number).toBeLessThanOrEqual(2);
+    await proxy.stop();
+    const check = spawnProxy(baseEnv(), ["--check"]);
+    expect(await check.exited).toBe(0);
+    expect(JSON.parse(check.stdout)).toMatchObject({ certificate_thumbprint_sha1: sha1 });
+  });
+
+  test("AADSTS700027 failures name both thumbprints and say what to compare", async () => {
+    const unregistered = certs.client("unregistered-2");
+    const sha1 = new X509Certificate(unregistered.certificatePem).fingerprint.replace(/:/g, "");
+    const proxy = await startProxy(baseEnv({ AZURE_CERTIFICATE_PATH: unregistered.pemPath }));
+    const failure = await proxy.waitForLog((line) => line.msg === "token acquisition failed");
+    expect(failure).toMatchObject({ aadsts: "AADSTS700027", certificate_thumbprint: thumbprintOf(unregistered.certificatePem), certificate_thumbprint_sha1: sha1 });
+    expect(String(failure.hint)).toContain(`Compare the portal's thumbprint under Certificates & secrets with SHA-1 ${sha1}`);
+    await proxy.stop();
+    const check = spawnProxy(baseEnv({ AZURE_CERTIFICATE_PATH: unregistered.pemPath }), ["--check"]);
+    expect(await check.exited).toBe(1);
+    expect(check.stderr).toContain(`SHA-1 ${sha1}`);
+    expect(check.stderr).toContain("differs from the file, or it has expired");
+  });
+
+  test("an expired certificate is an error at startup and the reason /health gives", async () => {
+    const expired = certs.expired("expired-app");
+    const clientId = "1e000000-0000-4000-8000-0000000000a3";
+    entra.register({ clientId, certificates: [expired.certificatePem] });
+    const proxy = await startProxy(baseEnv({ AZURE_CLIENT_ID: clientId, AZURE_CERTIFICATE_PATH: expired.pemPath }));
+    const error = await proxy.waitForLog((line) => line.msg === "the certificate has expired; Entra ID will reject it");
+    expect(error).toMatchObject({ level: "error", not_after: "2020-01-02T00:00:00.000Z" });
+    await proxy.waitForLog((line) => line.msg === "token acquisition failed");
+    const health = await fetch(`${proxy.url}/health`);
+    expect(health.status).toBe(503);
+    expect((await readJson(health)).reason).toStartWith("the certificate (SHA-1 ");
+    const { samples } = await scrape(proxy.url);
+    expect(valueOf(samples, "auth_proxy_certificate_expiration_timestamp_seconds")).toBe(Date.parse("2020-01-02T00:00:00Z") / 1000);
+    await proxy.stop();
+  });
+});
+
 // ---------------------------------------------------------------- signals
 
 describe("Signals", () => {
@@ -1532,10 +1883,10 @@ describe("Deployment artifacts", () => {
     const native = deployments.find(({ file }) => file === "native-sidecar.yaml")!.doc;
     const proxy = native.spec.template.spec.initContainers.find((c: any) => c.name === "auth-proxy");
     expect(proxy.restartPolicy).toBe("Always");
-    expect(proxy.startupProbe.exec.command).toEqual(["/auth-proxy", "--healthcheck"]);
+    expect(proxy.startupProbe.httpGet).toEqual({ path: "/health", port: "admin" });
   });
 
-  test("the proxy runs locked down, bound to loopback with exec probes, and drains before SIGKILL", () => {
+  test("the proxy runs locked down, bound to loopback, probed on the admin port, and drains before SIGKILL", () => {
     for (const { doc } of deployments) {
       const pod = doc.spec.template.spec;
       expect(pod.securityContext).toMatchObject({ runAsNonRoot: true, runAsUser: 65532, seccompProfile: { type: "RuntimeDefault" } });
@@ -1545,13 +1896,41 @@ describe("Deployment artifacts", () => {
       expect(proxy.resources.limits.memory).toBeDefined();
       const env = envOf(proxy);
       expect(env.HOST).toBe("127.0.0.1");
-      for (const probe of [proxy.readinessProbe, proxy.livenessProbe, proxy.startupProbe].filter(Boolean)) {
-        expect(probe.httpGet).toBeUndefined(); // kubelet's HTTP probes cannot reach 127.0.0.1 inside the pod
-      }
-      expect(proxy.livenessProbe.exec.command).toEqual(["/auth-proxy", "--livecheck"]);
+      // kubelet's HTTP probes reach the pod IP, never 127.0.0.1: every probe goes to the admin listener.
+      for (const probe of [proxy.readinessProbe, proxy.livenessProbe, proxy.startupProbe]) expect(probe.httpGet.port).toBe("admin");
+      expect(env.ADMIN_HOST ?? "0.0.0.0").toBe("0.0.0.0");
       expect(pod.terminationGracePeriodSeconds).toBeGreaterThan(Number(env.SHUTDOWN_TIMEOUT ?? 25));
       expect(proxy.volumeMounts[0].readOnly).toBe(true);
     }
+  });
+
+  test("the PrometheusRule's groups pass promtool check rules, and promtool test rules proves each alert fires and stays quiet", async () => {
+    const rule = Bun.YAML.parse(readFileSync(join(ROOT, "deploy/monitoring/prometheus-rule.yaml"), "utf8")) as any;
+    expect(rule).toMatchObject({ apiVersion: "monitoring.coreos.com/v1", kind: "PrometheusRule" });
+    const alerts = rule.spec.groups.flatMap((group: any) => group.rules.map((r: any) => r.alert));
+    expect(alerts).toEqual(["AuthProxyNoToken", "AuthProxyTokenRefreshFailing", "AuthProxyCertificateExpiringSoon", "AuthProxyUpstream5xxRatio", "AuthProxyUpstreamErrors"]);
+    const dir = join(certs.dir, "rules");
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, "rules.yaml"), JSON.stringify({ groups: rule.spec.groups }));
+    writeFileSync(join(dir, "alerts.test.yaml"), readFileSync(join(ROOT, "deploy/monitoring/alerts.test.yaml")));
+    const checked = await promtool(["check", "rules", join(dir, "rules.yaml")]);
+    expect(checked.output).toContain("SUCCESS: 5 rules found");
+    expect(checked.exitCode).toBe(0);
+    const tested = await promtool(["test", "rules", join(dir, "alerts.test.yaml")]);
+    expect(tested.output).toContain("SUCCESS");
+    expect(tested.exitCode).toBe(0);
+    // Each test group names an alert that fires in it: none is tested only for silence.
+    const unitTests = Bun.YAML.parse(readFileSync(join(ROOT, "deploy/monitoring/alerts.test.yaml"), "utf8")) as any;
+    const firing = new Set(unitTests.tests.flatMap((t: any) => t.alert_rule_test.filter((a: any) => a.exp_alerts.length > 0).map((a: any) => a.alertname)));
+    expect([...firing].sort()).toEqual([...alerts].sort());
+  });
+
+  test("the PodMonitor scrapes /metrics on the admin port the manifests name", () => {
+    const monitor = Bun.YAML.parse(readFileSync(join(ROOT, "deploy/monitoring/pod-monitor.yaml"), "utf8")) as any;
+    expect(monitor.kind).toBe("PodMonitor");
+    expect(monitor.spec.podMetricsEndpoints).toEqual([{ port: "admin", path: "/metrics", interval: "30s" }]);
+    const native = deployments.find(({ file }) => file === "native-sidecar.yaml")!.doc;
+    expect(monitor.spec.selector.matchLabels).toEqual(native.spec.template.metadata.labels);
   });
 
   test("the Dockerfile builds with the pinned Bun, the shared build script and rootfs layout, and runs as uid 65532", () => {

@@ -66,6 +66,21 @@ export class CertificateFactory {
     return { pemPath: this.write(`${name}.pem`, certificatePem + issuerPem + privateKeyPem), certificatePem, privateKeyPem, issuerPem };
   }
 
+  /** A self-signed client certificate whose validity ended in 2020, made with `openssl ca` (the only way to set past dates in OpenSSL 3.0). */
+  expired(name: string): ClientCertificate {
+    this.openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", `${name}.key`, "-out", `${name}.csr`, "-subj", `/CN=${name}`);
+    this.write(`${name}.index`, "");
+    this.write(`${name}.serial`, "01\n");
+    this.write(
+      `${name}.cnf`,
+      `[ca]\ndefault_ca = expired\n[expired]\ndir = .\ndatabase = ${name}.index\nnew_certs_dir = .\nserial = ${name}.serial\ndefault_md = sha256\npolicy = any\n[any]\ncommonName = supplied\n`,
+    );
+    this.openssl("ca", "-batch", "-config", `${name}.cnf`, "-selfsign", "-keyfile", `${name}.key`, "-in", `${name}.csr`, "-startdate", "20200101000000Z", "-enddate", "20200102000000Z", "-notext", "-out", `${name}.crt`);
+    const certificatePem = this.read(`${name}.crt`);
+    const privateKeyPem = this.read(`${name}.key`);
+    return { pemPath: this.write(`${name}.pem`, certificatePem + privateKeyPem), certificatePem, privateKeyPem };
+  }
+
   /** The same key as PKCS#1 (`BEGIN RSA PRIVATE KEY`). */
   pkcs1(name: string): string {
     this.openssl("rsa", "-in", `${name}.key`, "-out", `${name}.pkcs1.key`, "-traditional");

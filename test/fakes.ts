@@ -193,6 +193,9 @@ export class FakeEntraId {
         ? verify("sha256", signed, { key: certificate.publicKey, padding: constants.RSA_PKCS1_PSS_PADDING, saltLength: 32 }, signature)
         : header.alg === "RS256" && verify("sha256", signed, certificate.publicKey, signature);
     if (!valid) return { code: 700027, description: "Client assertion failed signature validation." };
+    if (Date.parse(certificate.validTo) < Date.now()) {
+      return { code: 700027, description: "Client assertion contains an invalid signature. [Reason - The key used is expired., Thumbprint of key used by client: '...']" };
+    }
 
     const now = Math.floor(Date.now() / 1000);
     if (claims.aud !== this.tokenEndpoint) {
@@ -345,7 +348,7 @@ export class FakeAzureOpenAI {
     const id = `chatcmpl-${randomBytes(6).toString("hex")}`;
     const created = Math.floor(Date.now() / 1000);
     if (!request.stream) {
-      res.writeHead(200, { "content-type": "application/json", "apim-request-id": id });
+      res.writeHead(200, { "content-type": "application/json", "apim-request-id": id, "x-ratelimit-remaining-requests": "99", "x-ratelimit-remaining-tokens": "12345" });
       res.end(JSON.stringify({
         id, object: "chat.completion", created, model: "gpt-4o",
         choices: [{ index: 0, finish_reason: "stop", message: { role: "assistant", content: words.join("") } }],
@@ -399,6 +402,17 @@ export class FakeAzureOpenAI {
         while (Date.now() < until && record.closedAtMs === undefined) {
           res.write(`data: {"t":${Date.now()}}\n\n`);
           await Bun.sleep(interval);
+        }
+        res.end();
+        return;
+      }
+      case "/test/big": {
+        // `mb` MiB with a Content-Length, written as fast as the proxy takes them (waiting for drain).
+        const total = Number(query.get("mb") ?? 1) * 1024 * 1024;
+        const chunk = Buffer.alloc(64 * 1024, 97);
+        res.writeHead(200, { "content-type": "application/octet-stream", "content-length": total });
+        for (let sent = 0; sent < total && record.closedAtMs === undefined; sent += chunk.length) {
+          if (!res.write(chunk)) await new Promise((resolve) => res.once("drain", resolve));
         }
         res.end();
         return;
