@@ -1194,7 +1194,7 @@ async function forward(req: Request, target: string, authorization: string, upst
   const lift = setTimeout(liftIdleTimer, LIFT_IDLE_TIMER_AFTER_MS, server, req);
   // Counted as declared: measuring a chunked upload would mean relaying every request body through JavaScript.
   const bytesIn = Number(req.headers.get("content-length")) || 0;
-  const clientRequestId = req.headers.get("x-ms-client-request-id");
+  const clientRequestId = accessLogEnabled ? req.headers.get("x-ms-client-request-id") : null;
   rewriteRequestHeaders(req.headers, authorization);
   metrics.requestsInFlight += 1;
   let response: Response;
@@ -1244,7 +1244,7 @@ async function forward(req: Request, target: string, authorization: string, upst
     firstByteAt: 0,
     bytesIn,
     bytesOut: 0,
-    requestId: response.headers.get("apim-request-id") ?? response.headers.get("x-request-id"),
+    requestId: accessLogEnabled ? (response.headers.get("apim-request-id") ?? response.headers.get("x-request-id")) : null,
     clientRequestId,
     ended: false,
   };
