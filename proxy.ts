@@ -7,7 +7,8 @@
  * shared/CONTRACT.md; the README explains it to users.
  *
  * The file reads as the journey: configuration -> credential -> token
- * manager -> forwarding -> WebSocket relay -> server and lifecycle -> main.
+ * manager -> metrics -> caller keys -> forwarding -> WebSocket relay ->
+ * server and lifecycle -> main.
  */
 import arg from "arg";
 import { createHash, createPrivateKey, createPublicKey, timingSafeEqual, X509Certificate, type KeyObject } from "node:crypto";
@@ -1085,6 +1086,12 @@ function fileStampOf(file: string): string {
   }
 }
 
+/** A request asking to become a WebSocket (RFC 6455 section 4.1): relayed, and allowed to carry its key where browsers put it. */
+export function isWebSocketUpgrade(headers: Headers): boolean {
+  const upgrade = headers.get("upgrade");
+  return upgrade !== null && upgrade.toLowerCase().includes("websocket");
+}
+
 /**
  * The key a caller presented: `api-key`, else `Authorization: Bearer`; for a
  * WebSocket upgrade also where browsers put it (the `api-key` query
@@ -1349,13 +1356,14 @@ function exchangeEnded(exchange: Exchange, how: "done" | "rearm" | "aborted" | "
   if (exchange.firstByteAt !== 0) observe(series.firstByte, (exchange.firstByteAt - exchange.startedAt) / SECOND);
   observe(series.responseEnd, (endedAt - exchange.startedAt) / SECOND);
   if (!accessLogEnabled) return;
-  const ms = (at: number) => Math.round((at - exchange.startedAt) * 100) / 100;
+  const startedAt = exchange.startedAt;
   writeLine(
     `{"time":"${isoNow()}","level":"info","msg":"request","method":"${exchange.req.method}","path":${JSON.stringify(pathOf(exchange.target))},` +
-      `"status":${status},"duration_ms":${ms(endedAt)},"upstream_ms":${ms(exchange.headersAt)}` +
-      (exchange.firstByteAt === 0 ? "" : `,"ttfb_ms":${ms(exchange.firstByteAt)}`) +
+      `"status":${status},"duration_ms":${Math.round((endedAt - startedAt) * 100) / 100},"upstream_ms":${Math.round((exchange.headersAt - startedAt) * 100) / 100}` +
+      (exchange.firstByteAt === 0 ? "" : `,"ttfb_ms":${Math.round((exchange.firstByteAt - startedAt) * 100) / 100}`) +
       `,"bytes_in":${exchange.bytesIn},"bytes_out":${exchange.bytesOut}` +
-      (series.deployment === "" ? "" : `,"deployment":${JSON.stringify(series.deployment)}`) +
+      // Deployment labels hold only [A-Za-z0-9._-]: nothing to escape.
+      (series.deployment === "" ? "" : `,"deployment":"${series.deployment}"`) +
       (exchange.requestId === null ? "" : `,"request_id":${JSON.stringify(exchange.requestId)}`) +
       (exchange.clientRequestId === null ? "" : `,"client_request_id":${JSON.stringify(exchange.clientRequestId)}`) +
       (how === "aborted" ? ',"aborted":true' : how === "truncated" ? ',"truncated":true' : "") +
@@ -1416,11 +1424,6 @@ const UPSTREAM_DRAIN_POLL_MS = 5;
  * still found.
  */
 export const WEBSOCKET_PING_SECONDS = 60;
-
-export function isWebSocketUpgrade(headers: Headers): boolean {
-  const upgrade = headers.get("upgrade");
-  return upgrade !== null && upgrade.toLowerCase().includes("websocket");
-}
 
 /** `ws:`/`wss:` from API_BASE_URL's scheme, with the same prefix rule as HTTP forwarding. */
 export function websocketBaseUrl(apiBaseUrl: string): string {
