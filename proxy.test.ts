@@ -1468,7 +1468,10 @@ describe("Observability", () => {
       expect(lint.exitCode).toBe(0);
     }
     const { samples } = await metricsOf();
-    expect(valueOf(samples, "auth_proxy_build_info", { version: packageJson.version })).toBe(1);
+    // The compiled binary's version carries its commit (0.1.0+abc123): the one its startup line names.
+    const version = String(proxy.lines.find((line) => line.msg === "auth-proxy started")!.version);
+    expect(version).toStartWith(packageJson.version);
+    expect(valueOf(samples, "auth_proxy_build_info", { version, bun_version: Bun.version })).toBe(1);
     const certificateExpiry = valueOf(samples, "auth_proxy_certificate_expiration_timestamp_seconds")!;
     expect(certificateExpiry * 1000).toBe(Date.parse(new X509Certificate(appCertificate.certificatePem).validTo));
     const tokenExpiry = valueOf(samples, "auth_proxy_token_expiration_timestamp_seconds")!;
