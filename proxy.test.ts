@@ -16,8 +16,10 @@ import packageJson from "./package.json" with { type: "json" };
 import {
   backoffDelay,
   describeTokenError,
+  jsonString,
   KEEP_ALIVE_IDLE_SECONDS,
   MAX_TOKEN_LIFETIME_MS,
+  millis,
   MIN_TOKEN_REQUEST_INTERVAL_MS,
   WEBSOCKET_PING_SECONDS,
   loadConfig,
@@ -1833,6 +1835,15 @@ describe("Pure pieces", () => {
     expect(withoutCredentialParameters("/r?q=%zz&api-key")).toBe("/r?q=%zz");
     expect(upstreamSubprotocols("realtime, openai-insecure-api-key.sk-1 ,openai-beta.realtime-v1,")).toEqual(["realtime", "openai-beta.realtime-v1"]);
     expect(upstreamSubprotocols(null)).toEqual([]);
+  });
+
+  test("access-line formatting: millis rounds to hundredths as Math.round would, jsonString escapes what JSON must", () => {
+    for (const ms of [0, 0.004, 0.005, 0.1, 0.123, 1.05, 1.5, 12.3456, 99.999, 1234.5678, 600_000.126]) {
+      expect(JSON.parse(millis(ms))).toBe(Math.round(ms * 100) / 100);
+    }
+    for (const path of ["/openai/deployments/gpt-4o/chat/completions", '/a"b', "/a\\b", "/tab\there", "/nul\u0000", "/ü/✓"]) {
+      expect(JSON.parse(jsonString(path))).toBe(path);
+    }
   });
 
   test("describeTokenError keeps the AADSTS code and first line, not the trace ids", () => {

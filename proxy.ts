@@ -59,6 +59,23 @@ function isoNow(): string {
   return isoTime;
 }
 
+/** Milliseconds with two decimals, by integer arithmetic: formatting doubles was a fifth of an access line's cost (profiled). */
+export function millis(ms: number): string {
+  const hundredths = Math.round(ms * 100);
+  const fraction = hundredths % 100;
+  const whole = (hundredths - fraction) / 100;
+  if (fraction === 0) return `${whole}`;
+  return `${whole}.${fraction < 10 ? "0" : ""}${fraction % 10 === 0 ? fraction / 10 : fraction}`;
+}
+
+/** Characters JSON must escape in a string (RFC 8259 section 7). */
+const NEEDS_JSON_ESCAPE = /["\\\u0000-\u001f]/;
+
+/** A string as a JSON string: most request paths need no escaping, so JSON.stringify only when one does. */
+export function jsonString(text: string): string {
+  return NEEDS_JSON_ESCAPE.test(text) ? JSON.stringify(text) : `"${text}"`;
+}
+
 /** One JSON object per line on stdout, so any log shipper can parse it. Never pass a secret in `fields`. */
 export function log(level: LogLevel, msg: string, fields?: Record<string, unknown>): void {
   if (LOG_LEVEL_RANK[level] < logThreshold) return;
@@ -1257,12 +1274,18 @@ async function forward(req: Request, target: string, authorization: string, upst
   };
   // The lift may have fired: a margin of a second covers a timer that ran late.
   const lifted = headersAt - startedAt >= LIFT_IDLE_TIMER_AFTER_MS - SECOND;
-  const body = response.body;
   const declaredLength = Number(response.headers.get("content-length") ?? Infinity);
-  if (body === null || (!lifted && declaredLength <= SMALL_BODY_BYTES)) {
-    // Written at once with the headers: its end is now, its size the one declared.
+  if (!lifted && declaredLength <= SMALL_BODY_BYTES) {
+    // Written at once with the headers: its end is now, its size the one declared (none for HEAD).
+    // `response.body` is left untouched: reading it builds a JavaScript stream (3.5 % of c=64 throughput, profiled).
     exchange.firstByteAt = headersAt;
-    exchange.bytesOut = body === null ? 0 : declaredLength;
+    exchange.bytesOut = req.method === "HEAD" ? 0 : declaredLength;
+    exchangeEnded(exchange, "done");
+    return response;
+  }
+  const body = response.body;
+  if (body === null) {
+    exchange.firstByteAt = headersAt;
     exchangeEnded(exchange, lifted ? "rearm" : "done");
     return response;
   }
@@ -1358,9 +1381,9 @@ function exchangeEnded(exchange: Exchange, how: "done" | "rearm" | "aborted" | "
   if (!accessLogEnabled) return;
   const startedAt = exchange.startedAt;
   writeLine(
-    `{"time":"${isoNow()}","level":"info","msg":"request","method":"${exchange.req.method}","path":${JSON.stringify(pathOf(exchange.target))},` +
-      `"status":${status},"duration_ms":${Math.round((endedAt - startedAt) * 100) / 100},"upstream_ms":${Math.round((exchange.headersAt - startedAt) * 100) / 100}` +
-      (exchange.firstByteAt === 0 ? "" : `,"ttfb_ms":${Math.round((exchange.firstByteAt - startedAt) * 100) / 100}`) +
+    `{"time":"${isoNow()}","level":"info","msg":"request","method":"${exchange.req.method}","path":${jsonString(pathOf(exchange.target))},` +
+      `"status":${status},"duration_ms":${millis(endedAt - startedAt)},"upstream_ms":${millis(exchange.headersAt - startedAt)}` +
+      (exchange.firstByteAt === 0 ? "" : `,"ttfb_ms":${millis(exchange.firstByteAt - startedAt)}`) +
       `,"bytes_in":${exchange.bytesIn},"bytes_out":${exchange.bytesOut}` +
       // Deployment labels hold only [A-Za-z0-9._-]: nothing to escape.
       (series.deployment === "" ? "" : `,"deployment":"${series.deployment}"`) +
@@ -1399,8 +1422,7 @@ let accessLogEnabled = true;
 function answered(metrics: Metrics, method: string, target: string, status: number, startedAt: number): void {
   countStatus(requestSeries(metrics, method, deploymentLabel(metrics, target)), status);
   if (!accessLogEnabled) return;
-  const duration = Math.round((performance.now() - startedAt) * 100) / 100;
-  writeLine(`{"time":"${isoNow()}","level":"info","msg":"request","method":"${method}","path":${JSON.stringify(pathOf(target))},"status":${status},"duration_ms":${duration}}\n`);
+  writeLine(`{"time":"${isoNow()}","level":"info","msg":"request","method":"${method}","path":${jsonString(pathOf(target))},"status":${status},"duration_ms":${millis(performance.now() - startedAt)}}\n`);
 }
 
 // ---------------------------------------------------------------- WebSocket relay
