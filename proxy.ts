@@ -1248,6 +1248,8 @@ async function forward(req: Request, target: string, authorization: string, upst
     const reason = errorMessage(error);
     log("warn", "upstream unreachable", { upstream: upstream.origin, error: reason });
     answered(metrics, req.method, target, 502, startedAt);
+    // A request that waited long enough to have its timer lifted gets it back, as after any response.
+    if (performance.now() - startedAt >= LIFT_IDLE_TIMER_AFTER_MS - SECOND) server.timeout(req, KEEP_ALIVE_IDLE_SECONDS);
     return proxyError(502, "upstream_unreachable", `auth-proxy could not reach ${upstream.origin}: ${reason}`);
   }
   clearTimeout(lift);

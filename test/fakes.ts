@@ -386,6 +386,12 @@ export class FakeAzureOpenAI {
         res.end('{"late":true}');
         return;
       }
+      case "/test/hang-then-reset": {
+        // An upstream that takes the request, says nothing, then drops the connection.
+        await Bun.sleep(Number(query.get("ms") ?? 15000));
+        res.socket?.destroy();
+        return;
+      }
       case "/test/silent-stream": {
         // One event, a long silence, one more event: the idle timer mid-stream.
         res.writeHead(200, { "content-type": "text/event-stream" });
