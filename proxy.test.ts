@@ -276,6 +276,8 @@ describe("Startup", () => {
     ["a wrong password", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.write("enc-wrong.pem", appCertificate.certificatePem + certs.encrypted("app", PASSWORD)), AZURE_CERTIFICATE_PASSWORD: "wrong password" }), [/AZURE_CERTIFICATE_PASSWORD does not decrypt the private key in \S+enc-wrong\.pem/]],
     ["both PROXY_API_KEYS and PROXY_API_KEYS_FILE", () => baseEnv({ PROXY_API_KEYS: "a", PROXY_API_KEYS_FILE: certs.write("keys-both.txt", "b\n") }), ["set PROXY_API_KEYS or PROXY_API_KEYS_FILE, not both"]],
     ["a caller keys file without keys", () => baseEnv({ PROXY_API_KEYS_FILE: certs.write("keys-empty.txt", "# none yet\n\n") }), [/PROXY_API_KEYS_FILE=\S+keys-empty\.txt holds no key/]],
+    ["ADMIN_PORT equal to the proxy's own port", () => baseEnv({ PORT: "18080", ADMIN_PORT: "18080" }), ["ADMIN_PORT=18080 is the proxy's own port; the admin listener needs a port of its own"]],
+    ["a bad ADMIN_PORT", () => baseEnv({ ADMIN_PORT: "admin" }), ["ADMIN_PORT=admin is not a TCP port"]],
     ["a caller keys file that does not exist", () => baseEnv({ PROXY_API_KEYS_FILE: "/nonexistent/keys" }), ["PROXY_API_KEYS_FILE=/nonexistent/keys cannot be read (ENOENT)"]],
     ["an EC certificate", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.client("ec", ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]).pemPath }), ["holds a EC key; Entra ID accepts only RSA certificates"]],
   ];
@@ -1012,6 +1014,35 @@ describe("WebSocket", () => {
     expect(rssKib(proxy.proc.pid) - before).toBeLessThan(30 * 1024);
   }, 60_000);
 
+  test("WebSocket sessions are counted open, completed, refused and failed", async () => {
+    const samplesOf = async (url: string) => {
+      const scraped = await scrape(url);
+      proxyBodies.push(scraped.text);
+      return scraped.samples;
+    };
+    const before = await samplesOf(proxy.url);
+    const { client } = await openSession();
+    expect(valueOf(await samplesOf(proxy.url), "auth_proxy_websocket_sessions")).toBe(1);
+    client.socket.close(1000);
+    await client.closed;
+    await proxy.waitForLog((line) => line.msg === "websocket session" && line.closed_by === "client" && line.frames_from_client === 0);
+    expect((await rawUpgrade(proxy.port, "/openai/v1/realtime?model=gpt-realtime&refuse=429")).status).toBe(429);
+    const after = await samplesOf(proxy.url);
+    const delta = (result: string) => valueOf(after, "auth_proxy_websocket_sessions_total", { result })! - valueOf(before, "auth_proxy_websocket_sessions_total", { result })!;
+    expect(valueOf(after, "auth_proxy_websocket_sessions")).toBe(0);
+    expect(delta("completed")).toBe(1);
+    expect(delta("refused")).toBe(1);
+    expect(delta("failed")).toBe(0);
+
+    const orphan = await startProxy(baseEnv({ API_BASE_URL: `http://127.0.0.1:${freePort()}` }));
+    await orphan.waitForHealth();
+    expect((await rawUpgrade(orphan.port, "/openai/v1/realtime?model=gpt-realtime")).status).toBe(502);
+    const orphaned = await samplesOf(orphan.url);
+    expect(valueOf(orphaned, "auth_proxy_websocket_sessions_total", { result: "failed" })).toBe(1);
+    expect(valueOf(orphaned, "auth_proxy_upstream_errors_total", { reason: "connect" })).toBe(1);
+    await orphan.stop();
+  });
+
   test("a client that stops reading while the upstream sends 200 MiB: the proxy's memory stays bounded and every byte arrives after", async () => {
     const { client } = await openSession();
     const before = rssKib(proxy.proc.pid);
@@ -1588,6 +1619,18 @@ describe("Observability", () => {
     await (await fetch(`${proxy.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21`, { method: "POST", body: '{"n":"bytes-in-check"}' })).text();
     const completion = await proxy.waitForLog((entry) => entry.msg === "request" && entry.deployment === "gpt-4o" && entry.bytes_in === 22);
     expect(String(completion.request_id)).toStartWith("chatcmpl-");
+  });
+
+  test("an upstream that drops mid-body: the client's body is cut, the line says truncated, a reset is counted", async () => {
+    const before = (await metricsOf()).samples;
+    const response = await fetch(`${proxy.url}/test/cut`);
+    expect(response.status).toBe(200);
+    await expect(response.text()).rejects.toThrow();
+    const line = await proxy.waitForLog((entry) => entry.msg === "request" && entry.path === "/test/cut");
+    expect(line).toMatchObject({ status: 200, truncated: true });
+    const after = (await metricsOf()).samples;
+    expect(valueOf(after, "auth_proxy_upstream_errors_total", { reason: "reset" })! - valueOf(before, "auth_proxy_upstream_errors_total", { reason: "reset" })!).toBe(1);
+    expect(valueOf(after, "auth_proxy_requests_in_flight")).toBe(0);
   });
 
   test("every metric a Grafana panel queries exists in a scrape", async () => {

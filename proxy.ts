@@ -183,6 +183,12 @@ function parseHttpUrl(raw: RawSetting, errors: string[], httpsOnly: boolean): UR
   return undefined;
 }
 
+/** Two listeners on one port collide when their hosts are equal or either is a wildcard (Bun would even share the port). */
+function sameOrWildcardHost(a: string, b: string): boolean {
+  const wildcard = (host: string) => host === "0.0.0.0" || host === "::" || host === "[::]";
+  return a === b || wildcard(a) || wildcard(b);
+}
+
 /**
  * Reads the configuration from flags (which win) and the environment, and
  * reports every fault at once: a user fixing a manifest should not have to
@@ -241,7 +247,7 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
   const adminPort = raw.adminPort.value ? Number(raw.adminPort.value) : undefined;
   if (raw.adminPort.value && (!/^\d+$/.test(raw.adminPort.value) || adminPort! > 65535)) {
     errors.push(`${raw.adminPort.source}=${raw.adminPort.value} is not a TCP port (0-65535)`);
-  } else if (adminPort !== undefined && adminPort !== 0 && adminPort === port && raw.adminHost.value === raw.host.value) {
+  } else if (adminPort !== undefined && adminPort !== 0 && adminPort === port && sameOrWildcardHost(raw.adminHost.value!, raw.host.value!)) {
     errors.push(`${raw.adminPort.source}=${raw.adminPort.value} is the proxy's own port; the admin listener needs a port of its own`);
   }
 
@@ -1211,6 +1217,11 @@ function liftIdleTimer(server: ProxyServer, req: Request): void {
   server.timeout(req, 0);
 }
 
+/** Whether the lift may have fired for a request started at `startedAt`: a second's margin covers a timer that ran late. */
+function idleTimerLifted(startedAt: number, nowMs: number): boolean {
+  return nowMs - startedAt >= LIFT_IDLE_TIMER_AFTER_MS - SECOND;
+}
+
 /** One forwarded request, the whole hot path: rewrite headers, fetch, strip the response's hop-by-hop headers, count, relay. */
 async function forward(req: Request, target: string, authorization: string, upstream: Upstream, server: ProxyServer): Promise<Response> {
   const startedAt = performance.now();
@@ -1249,7 +1260,7 @@ async function forward(req: Request, target: string, authorization: string, upst
     log("warn", "upstream unreachable", { upstream: upstream.origin, error: reason });
     answered(metrics, req.method, target, 502, startedAt);
     // A request that waited long enough to have its timer lifted gets it back, as after any response.
-    if (performance.now() - startedAt >= LIFT_IDLE_TIMER_AFTER_MS - SECOND) server.timeout(req, KEEP_ALIVE_IDLE_SECONDS);
+    if (idleTimerLifted(startedAt, performance.now())) server.timeout(req, KEEP_ALIVE_IDLE_SECONDS);
     return proxyError(502, "upstream_unreachable", `auth-proxy could not reach ${upstream.origin}: ${reason}`);
   }
   clearTimeout(lift);
@@ -1274,8 +1285,7 @@ async function forward(req: Request, target: string, authorization: string, upst
     clientRequestId,
     ended: false,
   };
-  // The lift may have fired: a margin of a second covers a timer that ran late.
-  const lifted = headersAt - startedAt >= LIFT_IDLE_TIMER_AFTER_MS - SECOND;
+  const lifted = idleTimerLifted(startedAt, headersAt);
   const declaredLength = Number(response.headers.get("content-length") ?? Infinity);
   if (!lifted && declaredLength <= SMALL_BODY_BYTES) {
     // Written at once with the headers: its end is now, its size the one declared (none for HEAD).
@@ -1562,7 +1572,7 @@ function frameBytes(frame: Frame): number {
  */
 async function relayWebSocket(
   req: Request,
-  server: import("bun").Server<RelaySession>,
+  server: ProxyServer,
   target: string,
   authorization: string,
   upstream: Upstream,
@@ -1627,7 +1637,10 @@ function upstreamHandshake(socket: WebSocket, clientGone: AbortSignal): Promise<
     };
     socket.onerror = (event) => {
       clientGone.removeEventListener("abort", abandon);
-      resolve((event as ErrorEvent).message || "connection failed");
+      // The message may leave out the cause ("Failed to connect"); the error's code (ECONNREFUSED) names it.
+      const { message, error } = event as ErrorEvent & { error?: { code?: string } };
+      const code = error?.code;
+      resolve(`${message || "connection failed"}${code && !message?.includes(code) ? ` (${code})` : ""}`);
     };
   });
 }

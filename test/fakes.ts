@@ -386,6 +386,14 @@ export class FakeAzureOpenAI {
         res.end('{"late":true}');
         return;
       }
+      case "/test/cut": {
+        // A stream that sends one event and then loses its connection mid-body.
+        res.writeHead(200, { "content-type": "text/event-stream" });
+        res.write('data: {"before":"cut"}\n\n');
+        await Bun.sleep(100);
+        res.socket?.destroy();
+        return;
+      }
       case "/test/hang-then-reset": {
         // An upstream that takes the request, says nothing, then drops the connection.
         await Bun.sleep(Number(query.get("ms") ?? 15000));
