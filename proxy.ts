@@ -21,6 +21,9 @@ declare const AUTH_PROXY_COMMIT: string | undefined;
 export const VERSION =
   packageJson.version + (typeof AUTH_PROXY_COMMIT === "string" && AUTH_PROXY_COMMIT ? `+${AUTH_PROXY_COMMIT}` : "");
 
+const SECOND = 1000;
+const MINUTE = 60 * SECOND;
+
 // ---------------------------------------------------------------- logging
 
 export type LogLevel = "debug" | "info" | "warn" | "error";
@@ -88,13 +91,26 @@ function errorMessage(error: unknown): string {
 
 // ---------------------------------------------------------------- configuration
 
+export const AUTH_MODES = ["certificate", "client-secret", "workload-identity", "managed-identity"] as const;
+export type AuthMode = (typeof AUTH_MODES)[number];
+
 export interface Config {
-  clientId: string;
+  authMode: AuthMode;
+  /** Why this mode: the setting that chose it, for the startup line and --check. */
+  authModeReason: string;
+  /** Unset only in managed-identity mode with a system-assigned identity. */
+  clientId: string | undefined;
+  /** Unused in managed-identity mode (the identity's own tenant issues its tokens). */
   tenantId: string;
   certificatePath: string;
   /** Names the variable or flag the path came from, for error messages. */
   certificatePathSource: string;
   certificatePassword: string | undefined;
+  /** client-secret mode: AZURE_CLIENT_SECRET, or AZURE_CLIENT_SECRET_FILE (re-read for every token request). */
+  clientSecret: string | undefined;
+  clientSecretFile: string | undefined;
+  /** workload-identity mode: the projected service account token, re-read for every token request. */
+  federatedTokenFile: string;
   /** Send the chain as x5c, for subject-name/issuer (SNI) authentication. */
   sendCertificateChain: boolean;
   /** API_BASE_URL without its trailing slash; the request's raw path is appended to it. */
@@ -118,6 +134,7 @@ export type CallerKeySource = { keys: string[] } | { file: string; keys: string[
 
 /** Every setting: its variable, the flag that overrides it, an alias variable, and its default. */
 const SETTINGS = {
+  authMode: { env: "AZURE_AUTH_MODE", flag: "--auth-mode" },
   clientId: { env: "AZURE_CLIENT_ID", flag: "--client-id" },
   tenantId: { env: "AZURE_TENANT_ID", flag: "--tenant-id" },
   certificatePath: { env: "AZURE_CERTIFICATE_PATH", alias: "AZURE_CLIENT_CERTIFICATE_PATH", flag: "--certificate-path" },
@@ -128,6 +145,9 @@ const SETTINGS = {
   authorityHost: { env: "AZURE_AUTHORITY_HOST", flag: "--authority-host", fallback: "https://login.microsoftonline.com" },
   logLevel: { env: "LOG_LEVEL", flag: "--log-level", fallback: "info" },
   certificatePassword: { env: "AZURE_CERTIFICATE_PASSWORD", alias: "AZURE_CLIENT_CERTIFICATE_PASSWORD" },
+  clientSecret: { env: "AZURE_CLIENT_SECRET" },
+  clientSecretFile: { env: "AZURE_CLIENT_SECRET_FILE" },
+  federatedTokenFile: { env: "AZURE_FEDERATED_TOKEN_FILE" },
   sendCertificateChain: { env: "AZURE_CLIENT_SEND_CERTIFICATE_CHAIN", fallback: "false" },
   shutdownTimeout: { env: "SHUTDOWN_TIMEOUT", fallback: "25" },
   callerKeys: { env: "PROXY_API_KEYS" },
@@ -137,7 +157,13 @@ const SETTINGS = {
 } as const satisfies Record<string, { env: string; alias?: string; flag?: string; fallback?: string }>;
 
 type SettingName = keyof typeof SETTINGS;
-const REQUIRED_SETTINGS: SettingName[] = ["clientId", "tenantId", "certificatePath", "apiBaseUrl"];
+/** What each mode cannot work without (client-secret: AZURE_CLIENT_SECRET or its _FILE form). */
+const REQUIRED_SETTINGS: Record<AuthMode, SettingName[]> = {
+  certificate: ["clientId", "tenantId", "certificatePath", "apiBaseUrl"],
+  "client-secret": ["clientId", "tenantId", "clientSecret", "apiBaseUrl"],
+  "workload-identity": ["clientId", "tenantId", "federatedTokenFile", "apiBaseUrl"],
+  "managed-identity": ["apiBaseUrl"],
+};
 export type Flags = { [flag: string]: string | boolean | string[] | undefined };
 type Environment = Record<string, string | undefined>;
 
@@ -189,6 +215,40 @@ function sameOrWildcardHost(a: string, b: string): boolean {
   return a === b || wildcard(a) || wildcard(b);
 }
 
+const DEFAULT_MODE_REASON = "no credential is configured; certificate is the default";
+
+/**
+ * The contract's order: AZURE_AUTH_MODE when set, else the first credential
+ * configured (certificate, client secret, federated token file). Managed
+ * identity only when asked for: off Azure its endpoint never answers, so
+ * guessing it would turn a forgotten variable into a silent hang.
+ */
+export function chooseAuthMode(env: Environment, flags: Flags = {}): { mode: AuthMode; reason: string } | { error: string } {
+  const explicit = readSetting("authMode", env, flags);
+  if (explicit.value) {
+    const mode = explicit.value.toLowerCase();
+    if (!(AUTH_MODES as readonly string[]).includes(mode)) {
+      return { error: `${explicit.source}=${explicit.value} is not an identity mode; use one of ${AUTH_MODES.join(", ")}` };
+    }
+    return { mode: mode as AuthMode, reason: `${explicit.source}=${mode}` };
+  }
+  const configured = (
+    [
+      ["certificate", "certificatePath"],
+      ["client-secret", "clientSecret"],
+      ["client-secret", "clientSecretFile"],
+      ["workload-identity", "federatedTokenFile"],
+    ] as const
+  )
+    .map(([mode, name]) => ({ mode, setting: readSetting(name, env, flags) }))
+    .filter(({ setting }) => setting.value);
+  const [chosen, ...others] = configured;
+  if (!chosen) return { mode: "certificate", reason: DEFAULT_MODE_REASON };
+  const passedOver = others.filter(({ mode }) => mode !== chosen.mode).map(({ setting }) => setting.source);
+  const precedence = passedOver.length === 0 ? "" : `; it comes before ${passedOver.join(" and ")} (set AZURE_AUTH_MODE to choose another)`;
+  return { mode: chosen.mode, reason: `${chosen.setting.source} is set${precedence}` };
+}
+
 /**
  * Reads the configuration from flags (which win) and the environment, and
  * reports every fault at once: a user fixing a manifest should not have to
@@ -200,14 +260,26 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
   ) as Record<SettingName, RawSetting>;
   const errors: string[] = [];
 
-  const missing = REQUIRED_SETTINGS.filter((name) => !raw[name].value).map((name) => SETTINGS[name].env);
-  if (missing.length > 0) errors.push(`Missing required Azure AD configuration: ${missing.join(", ")}`);
+  const choice = chooseAuthMode(env, flags);
+  if ("error" in choice) errors.push(choice.error);
+  const mode = "mode" in choice ? choice.mode : undefined;
+  if ("mode" in choice) {
+    const missing = REQUIRED_SETTINGS[choice.mode]
+      .filter((name) => !raw[name].value && !(name === "clientSecret" && raw.clientSecretFile.value))
+      .map((name) => (name === "clientSecret" ? "AZURE_CLIENT_SECRET (or AZURE_CLIENT_SECRET_FILE)" : SETTINGS[name].env));
+    const why = choice.reason === DEFAULT_MODE_REASON ? "" : ` (${choice.mode} mode: ${choice.reason})`;
+    if (missing.length > 0) errors.push(`Missing required Azure AD configuration: ${missing.join(", ")}${why}`);
+  }
+  if (mode === "client-secret" && raw.clientSecret.value && raw.clientSecretFile.value) {
+    errors.push("set AZURE_CLIENT_SECRET or AZURE_CLIENT_SECRET_FILE, not both");
+  }
 
   const { clientId, tenantId } = raw;
   if (clientId.value && !GUID.test(clientId.value)) {
-    errors.push(`${clientId.source}=${clientId.value} is not an application (client) ID; expected a GUID like 00000000-0000-0000-0000-000000000000`);
+    const what = mode === "managed-identity" ? "a user-assigned managed identity's client ID" : "an application (client) ID";
+    errors.push(`${clientId.source}=${clientId.value} is not ${what}; expected a GUID like 00000000-0000-0000-0000-000000000000`);
   }
-  if (tenantId.value) {
+  if (tenantId.value && mode !== "managed-identity") {
     if (["common", "organizations", "consumers"].includes(tenantId.value.toLowerCase())) {
       errors.push(`${tenantId.source}=${tenantId.value} cannot be used with client credentials; set your tenant's ID (a GUID) or domain`);
     } else if (!GUID.test(tenantId.value) && !TENANT_DOMAIN.test(tenantId.value)) {
@@ -255,11 +327,16 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
   return {
     errors,
     config: {
-      clientId: clientId.value!,
-      tenantId: tenantId.value!,
-      certificatePath: raw.certificatePath.value!,
+      authMode: mode!,
+      authModeReason: (choice as { reason: string }).reason,
+      clientId: clientId.value,
+      tenantId: tenantId.value ?? "",
+      certificatePath: raw.certificatePath.value ?? "",
       certificatePathSource: raw.certificatePath.source,
       certificatePassword: raw.certificatePassword.value,
+      clientSecret: raw.clientSecret.value,
+      clientSecretFile: raw.clientSecretFile.value,
+      federatedTokenFile: raw.federatedTokenFile.value ?? "",
       sendCertificateChain: sendChain!,
       apiBaseUrl: apiBase!.origin + apiBase!.pathname.replace(/\/+$/, ""),
       upstreamOrigin: apiBase!.origin,
@@ -315,7 +392,7 @@ function loadCallerKeySource(inline: RawSetting, file: RawSetting, errors: strin
   }
 }
 
-// ---------------------------------------------------------------- credential
+// ---------------------------------------------------------------- credential (certificate mode)
 
 export interface Credential {
   /** PKCS#8 PEM, decrypted: what MSAL signs the client assertion with. */
@@ -428,47 +505,238 @@ export function readCredential(config: Pick<Config, "certificatePath" | "certifi
   return parseCredential(pem, config.certificatePassword, file);
 }
 
-// ---------------------------------------------------------------- token manager
-
-/** What the hot path reads: plain data, replaced whole when a new token arrives. */
-export interface HeldToken {
-  /** `Bearer <token>`, built once per token rather than once per request. */
-  authorization: string;
-  expiresOnMs: number;
-  /** Entra's `refresh_in`, when it sent one. */
-  refreshOnMs: number | undefined;
-  obtainedAtMs: number;
-}
-
-const SECOND = 1000;
-const MINUTE = 60 * SECOND;
+// ---------------------------------------------------------------- identity
 
 /**
- * When to refresh, in ms from `obtainedAtMs`: at expiry minus 5 minutes, or
- * earlier when Entra says so with `refresh_in`; a token living under 10
- * minutes (Entra issues 60-90 min ones; tests and some policies issue less)
- * is refreshed at half its life so it never expires in use.
+ * One way of proving who the proxy is. Every mode answers the token manager
+ * the same way, so refresh, backoff, /health, logs and the secret rules are
+ * the same for all of them.
  */
-export function refreshDelay(token: Pick<HeldToken, "expiresOnMs" | "refreshOnMs" | "obtainedAtMs">): number {
-  const lifetime = token.expiresOnMs - token.obtainedAtMs;
-  let refreshAt = lifetime < 10 * MINUTE ? token.obtainedAtMs + lifetime / 2 : token.expiresOnMs - 5 * MINUTE;
-  if (token.refreshOnMs !== undefined && token.refreshOnMs < refreshAt) refreshAt = token.refreshOnMs;
-  return Math.max(0, refreshAt - token.obtainedAtMs);
+export interface Identity {
+  mode: AuthMode;
+  /** A fresh token from the identity provider, never from a cache, with the credential read afresh. */
+  requestToken(): Promise<HeldToken>;
+  /** Names the credential in use, for log lines and --check: thumbprints, file names, issuer and subject; never a secret. */
+  describe(): Record<string, string | undefined>;
+  /** A sentence a user can act on, for failures whose own message names no cause. */
+  hint(error: unknown, aadsts: string | undefined): string | undefined;
+  /** certificate mode: the certificate in use (the last good one read), for expiry warnings, /health and /metrics. */
+  readonly certificate: Credential | undefined;
 }
 
-/** Exponential backoff, 1 s doubling to 60 s, with equal jitter so a fleet of sidecars does not retry in step. */
-export function backoffDelay(failures: number, random: number): number {
-  const ceiling = Math.min(60 * SECOND, SECOND * 2 ** Math.max(0, failures - 1));
-  return ceiling / 2 + (random * ceiling) / 2;
+/** The audience Entra ID requires of every federated assertion (workload identity). */
+export const FEDERATED_TOKEN_AUDIENCE = "api://AzureADTokenExchange";
+
+/** Reads what the mode needs once, at startup: a bad file stops the proxy with one clear line instead of a retry loop. */
+export function createIdentity(config: Config): Identity {
+  switch (config.authMode) {
+    case "certificate":
+      return certificateIdentity(config, readCredential(config));
+    case "client-secret":
+      readClientSecret(config);
+      return clientSecretIdentity(config);
+    case "workload-identity":
+      return workloadIdentity(config, federatedTokenClaims(readFederatedToken(config.federatedTokenFile), config.federatedTokenFile));
+    case "managed-identity":
+      return managedIdentity(config);
+  }
 }
 
-/** The part of an MSAL or network error a user can act on: the AADSTS code and its first sentence. */
-export function describeTokenError(error: unknown): { message: string; aadsts: string | undefined } {
-  const details = error as { errorMessage?: string; errorCode?: string; message?: string };
-  const text = details?.errorMessage || details?.message || String(error);
-  const [firstLine] = text.split(/\r?\n/);
-  const message = (firstLine || details?.errorCode || "unknown error").replace(/\s*Trace ID:.*$/, "").trim();
-  return { message, aadsts: /AADSTS\d+/.exec(text)?.[0] };
+function certificateIdentity(config: Config, initial: Credential): Identity {
+  let credential = initial;
+  return {
+    mode: "certificate",
+    get certificate() {
+      return credential;
+    },
+    describe: () => ({ certificate_thumbprint: credential.thumbprintSha256, certificate_thumbprint_sha1: credential.thumbprintSha1 }),
+    hint: (_error, aadsts) => (aadsts === "AADSTS700027" ? certificateMismatchHint(credential) : undefined),
+    requestToken: () => {
+      credential = reloadCredential(config, credential);
+      return confidentialClientToken(config, {
+        clientCertificate: {
+          thumbprintSha256: credential.thumbprintSha256,
+          privateKey: credential.privateKeyPem,
+          x5c: config.sendCertificateChain ? credential.certificateChainPem : undefined,
+        },
+      });
+    },
+  };
+}
+
+/** A rotated file is used at once; a broken one is reported and the last good credential kept. */
+function reloadCredential(config: Config, current: Credential): Credential {
+  try {
+    const fresh = readCredential(config);
+    if (fresh.thumbprintSha256 !== current.thumbprintSha256) {
+      log("info", "certificate changed", { certificate_thumbprint: fresh.thumbprintSha256, not_after: fresh.notAfter.toISOString() });
+    }
+    return fresh;
+  } catch (error) {
+    log("error", "certificate file unusable; keeping the last good certificate", {
+      error: errorMessage(error),
+      certificate_thumbprint: current.thumbprintSha256,
+    });
+    return current;
+  }
+}
+
+/** A certificate this close to its end is warned about at startup and daily: rotation takes people time. */
+export const CERTIFICATE_EXPIRY_WARNING_MS = 30 * 24 * 60 * MINUTE;
+const CERTIFICATE_EXPIRY_CHECK_MS = 24 * 60 * MINUTE;
+
+export function warnIfCertificateExpiring(credential: Credential, nowMs: number): void {
+  const left = credential.notAfter.getTime() - nowMs;
+  const fields = {
+    not_after: credential.notAfter.toISOString(),
+    certificate_thumbprint: credential.thumbprintSha256,
+    certificate_thumbprint_sha1: credential.thumbprintSha1,
+  };
+  if (left <= 0) log("error", "the certificate has expired; Entra ID will reject it", fields);
+  else if (left < CERTIFICATE_EXPIRY_WARNING_MS) log("warn", "the certificate expires soon; upload and mount a new one", { ...fields, days_left: Math.floor(left / (24 * 60 * MINUTE)) });
+}
+
+/** AADSTS700027 names no cause a user can act on; this sentence does. */
+export function certificateMismatchHint(credential: Credential): string {
+  return (
+    `Entra ID does not accept this certificate: the one uploaded to the app registration differs from the file, or it has expired (not after ${credential.notAfter.toISOString()}). ` +
+    `Compare the portal's thumbprint under Certificates & secrets with SHA-1 ${credential.thumbprintSha1}.`
+  );
+}
+
+function clientSecretIdentity(config: Config): Identity {
+  return {
+    mode: "client-secret",
+    certificate: undefined,
+    describe: () => ({ client_secret: config.clientSecretFile === undefined ? "AZURE_CLIENT_SECRET" : `AZURE_CLIENT_SECRET_FILE=${config.clientSecretFile}` }),
+    hint: (_error, aadsts) =>
+      aadsts === "AADSTS7000215"
+        ? "Entra ID rejects the client secret: it is wrong, expired or deleted, or it is the secret's ID instead of its value (the portal shows the value once, when the secret is created)."
+        : undefined,
+    requestToken: () => confidentialClientToken(config, { clientSecret: readClientSecret(config) }),
+  };
+}
+
+/** The secret, from the variable or from the file afresh (a Kubernetes Secret is rotated by swapping a symlink). */
+export function readClientSecret(config: Pick<Config, "clientSecret" | "clientSecretFile">): string {
+  if (config.clientSecretFile === undefined) return config.clientSecret!;
+  const secret = readCredentialFile("AZURE_CLIENT_SECRET_FILE", config.clientSecretFile).trim();
+  if (!secret) throw new CredentialError(`AZURE_CLIENT_SECRET_FILE=${config.clientSecretFile} is empty`);
+  return secret;
+}
+
+function readCredentialFile(variable: string, file: string): string {
+  try {
+    return readFileSync(file, "utf8");
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    const reason = code === "ENOENT" ? "no such file" : code === "EACCES" ? "permission denied" : code === "EISDIR" ? "is a directory" : errorMessage(error);
+    throw new CredentialError(`${variable}=${file} cannot be read (${reason})`);
+  }
+}
+
+/** What a federated token says about itself: enough to match it against the app's federated credentials by eye. */
+export interface FederatedTokenClaims {
+  issuer: string;
+  subject: string;
+  audience: string;
+  expiresAt: string;
+}
+
+/**
+ * The projected service account token, read afresh: the kubelet replaces it
+ * at 80 % of its life, and a token read once fails an hour later with
+ * AADSTS700024.
+ */
+export function readFederatedToken(file: string): string {
+  const token = readCredentialFile("AZURE_FEDERATED_TOKEN_FILE", file).trim();
+  if (!token) throw new CredentialError(`AZURE_FEDERATED_TOKEN_FILE=${file} is empty`);
+  return token;
+}
+
+/** Decodes (does not verify: Entra ID does) the token's claims; a file that is no JWT is a fault worth naming. */
+export function federatedTokenClaims(token: string, file: string): FederatedTokenClaims {
+  let claims: { iss?: unknown; sub?: unknown; aud?: unknown; exp?: unknown };
+  try {
+    claims = JSON.parse(Buffer.from(token.split(".")[1] ?? "", "base64url").toString("utf8"));
+  } catch {
+    throw new CredentialError(`AZURE_FEDERATED_TOKEN_FILE=${file} does not hold a JWT (expected the projected service account token)`);
+  }
+  const audience = Array.isArray(claims.aud) ? claims.aud.join(" ") : String(claims.aud ?? "");
+  return {
+    issuer: String(claims.iss ?? ""),
+    subject: String(claims.sub ?? ""),
+    audience,
+    expiresAt: typeof claims.exp === "number" ? new Date(claims.exp * SECOND).toISOString() : "",
+  };
+}
+
+function workloadIdentity(config: Config, initial: FederatedTokenClaims): Identity {
+  let claims = initial;
+  const file = config.federatedTokenFile;
+  const readAssertion = async () => {
+    const token = readFederatedToken(file);
+    claims = federatedTokenClaims(token, file);
+    return token;
+  };
+  return {
+    mode: "workload-identity",
+    certificate: undefined,
+    describe: () => ({
+      federated_token_file: file,
+      federated_token_issuer: claims.issuer,
+      federated_token_subject: claims.subject,
+      federated_token_expires_on: claims.expiresAt || undefined,
+    }),
+    hint: (_error, aadsts) => federatedCredentialHint(aadsts, claims, config.clientId!, file),
+    // The callback, not a string: MSAL calls it for every token request, so each reads the file as the kubelet left it.
+    requestToken: () => confidentialClientToken(config, { clientAssertion: readAssertion }),
+  };
+}
+
+/** Entra's messages for a federated assertion it rejects say what did not match, not what to change. */
+export function federatedCredentialHint(aadsts: string | undefined, claims: FederatedTokenClaims, clientId: string, file: string): string | undefined {
+  const presented = `issuer ${claims.issuer}, subject ${claims.subject}, audience ${claims.audience}`;
+  switch (aadsts) {
+    case "AADSTS700211":
+      return `No federated credential on app ${clientId} has this token's issuer: add one whose issuer is exactly ${claims.issuer} (the cluster's OIDC issuer URL). The token presents ${presented}.`;
+    case "AADSTS70021":
+      return `No federated credential on app ${clientId} matches this token: its subject must be system:serviceaccount:<namespace>:<service account> of this pod and its audience ${FEDERATED_TOKEN_AUDIENCE}. The token presents ${presented}.`;
+    case "AADSTS700024":
+      return `The token in ${file} has expired (exp ${claims.expiresAt || "missing"}): the kubelet should have replaced it; check the pod's projected service account token volume.`;
+    default:
+      return undefined;
+  }
+}
+
+function managedIdentity(config: Config): Identity {
+  let application: import("@azure/msal-node").ManagedIdentityApplication | undefined;
+  let source: string | undefined;
+  return {
+    mode: "managed-identity",
+    certificate: undefined,
+    describe: () => ({
+      managed_identity: config.clientId === undefined ? "system-assigned" : `user-assigned ${config.clientId}`,
+      managed_identity_source: source,
+    }),
+    hint: (error) =>
+      (error as { errorCode?: string })?.errorCode === UNREACHABLE
+        ? `the managed identity endpoint (${source ?? "IMDS"}) did not answer: off Azure, or on a host without a managed identity, this mode cannot get a token; use certificate, workload-identity or client-secret there.`
+        : undefined,
+    requestToken: async () => {
+      const msal = await loadMsal();
+      application ??= new msal.ManagedIdentityApplication({
+        managedIdentityIdParams: config.clientId === undefined ? undefined : { userAssignedClientId: config.clientId },
+        // The token manager retries with its own backoff; MSAL's inner retries would hide minutes inside one attempt.
+        system: { networkClient: tokenNetworkClient, loggerOptions: QUIET_MSAL_LOGGER, disableInternalRetries: true },
+      });
+      const found = application.getManagedIdentitySource();
+      source = found === "DefaultToImds" ? "IMDS" : found;
+      const obtainedAtMs = Date.now();
+      // MSAL turns the scope into the resource these endpoints want (…/.default dropped).
+      return heldToken(await application.acquireToken({ resource: config.scope, forceRefresh: true }), obtainedAtMs);
+    },
+  };
 }
 
 /** Entra ID answers within a second or two; a token POST that hangs must not stall the refresh loop. */
@@ -504,7 +772,7 @@ async function sendTokenRequest<T>(
     });
   } catch (error) {
     const reason = (error as Error).name === "TimeoutError" ? `no answer within ${timeoutMs / SECOND} s` : errorMessage(error);
-    throw await networkError(`token request to ${new URL(url).origin} failed: ${reason}`);
+    throw await networkError(`token request to ${new URL(url).origin} failed: ${reason}`, UNREACHABLE);
   }
   const origin = new URL(url).origin;
   if (response.status >= 300 && response.status < 400) {
@@ -538,10 +806,13 @@ async function readBounded(response: Response, limit: number): Promise<string | 
 }
 
 /** MSAL passes its own AuthError through unchanged but replaces any other with a bare "network_error". */
-async function networkError(message: string): Promise<Error> {
+async function networkError(message: string, code = "network_error"): Promise<Error> {
   const { AuthError } = await loadMsal();
-  return new AuthError("network_error", message);
+  return new AuthError(code, message);
 }
+
+/** The error code of a token request that got no HTTP answer at all (refused, reset, timed out). */
+const UNREACHABLE = "endpoint_unreachable";
 
 type Msal = typeof import("@azure/msal-node");
 let msalModule: Promise<Msal> | undefined;
@@ -554,6 +825,87 @@ function loadMsal(): Promise<Msal> {
 /** The token endpoint Entra ID publishes for every cloud, so no discovery round-trip is needed. */
 export function tokenEndpoint(config: Pick<Config, "authorityHost" | "tenantId">): string {
   return `${config.authorityHost}/${config.tenantId}/oauth2/v2.0/token`;
+}
+
+const QUIET_MSAL_LOGGER = { piiLoggingEnabled: false, logLevel: 0 /* Error */, loggerCallback: () => {} };
+
+type ApplicationCredential =
+  | { clientCertificate: { thumbprintSha256: string; privateKey: string; x5c: string | undefined } }
+  | { clientSecret: string }
+  | { clientAssertion: () => Promise<string> };
+
+/** One client-credentials token from Entra ID with an app credential, never from a cache: every call is a real refresh. */
+async function confidentialClientToken(config: Config, credential: ApplicationCredential): Promise<HeldToken> {
+  const msal = await loadMsal();
+  const authority = `${config.authorityHost}/${config.tenantId}`;
+  const application = new msal.ConfidentialClientApplication({
+    auth: {
+      clientId: config.clientId!,
+      authority,
+      // A non-default host (sovereign cloud, test fake) is trusted as given.
+      knownAuthorities: [new URL(config.authorityHost).host],
+      authorityMetadata: JSON.stringify({
+        token_endpoint: tokenEndpoint(config),
+        authorization_endpoint: `${authority}/oauth2/v2.0/authorize`,
+        issuer: `${authority}/v2.0`,
+        jwks_uri: `${authority}/discovery/v2.0/keys`,
+      }),
+      ...credential,
+    },
+    system: { networkClient: tokenNetworkClient, loggerOptions: QUIET_MSAL_LOGGER },
+  });
+  const obtainedAtMs = Date.now();
+  return heldToken(await application.acquireTokenByClientCredential({ scopes: [config.scope], skipCache: true }), obtainedAtMs);
+}
+
+function heldToken(result: AuthenticationResult | null, obtainedAtMs: number): HeldToken {
+  if (!result?.accessToken) throw new Error("the identity provider answered without an access token");
+  return {
+    authorization: `Bearer ${result.accessToken}`,
+    expiresOnMs: result.expiresOn?.getTime() ?? Number.NaN,
+    refreshOnMs: result.refreshOn?.getTime(),
+    obtainedAtMs,
+  };
+}
+
+// ---------------------------------------------------------------- token manager
+
+/** What the hot path reads: plain data, replaced whole when a new token arrives. */
+export interface HeldToken {
+  /** `Bearer <token>`, built once per token rather than once per request. */
+  authorization: string;
+  expiresOnMs: number;
+  /** Entra's `refresh_in`, when it sent one. */
+  refreshOnMs: number | undefined;
+  obtainedAtMs: number;
+}
+
+/**
+ * When to refresh, in ms from `obtainedAtMs`: at expiry minus 5 minutes, or
+ * earlier when Entra says so with `refresh_in`; a token living under 10
+ * minutes (Entra issues 60-90 min ones; tests and some policies issue less)
+ * is refreshed at half its life so it never expires in use.
+ */
+export function refreshDelay(token: Pick<HeldToken, "expiresOnMs" | "refreshOnMs" | "obtainedAtMs">): number {
+  const lifetime = token.expiresOnMs - token.obtainedAtMs;
+  let refreshAt = lifetime < 10 * MINUTE ? token.obtainedAtMs + lifetime / 2 : token.expiresOnMs - 5 * MINUTE;
+  if (token.refreshOnMs !== undefined && token.refreshOnMs < refreshAt) refreshAt = token.refreshOnMs;
+  return Math.max(0, refreshAt - token.obtainedAtMs);
+}
+
+/** Exponential backoff, 1 s doubling to 60 s, with equal jitter so a fleet of sidecars does not retry in step. */
+export function backoffDelay(failures: number, random: number): number {
+  const ceiling = Math.min(60 * SECOND, SECOND * 2 ** Math.max(0, failures - 1));
+  return ceiling / 2 + (random * ceiling) / 2;
+}
+
+/** The part of an MSAL or network error a user can act on: the AADSTS code and its first sentence. */
+export function describeTokenError(error: unknown): { message: string; aadsts: string | undefined } {
+  const details = error as { errorMessage?: string; errorCode?: string; message?: string };
+  const text = details?.errorMessage || details?.message || String(error);
+  const [firstLine] = text.split(/\r?\n/);
+  const message = (firstLine || details?.errorCode || "unknown error").replace(/\s*Trace ID:.*$/, "").trim();
+  return { message, aadsts: /AADSTS\d+/.exec(text)?.[0] };
 }
 
 /**
@@ -587,71 +939,6 @@ export function checkTokenLifetime(token: HeldToken, nowMs: number): HeldToken {
   return { ...token, expiresOnMs: token.obtainedAtMs + MAX_TOKEN_LIFETIME_MS };
 }
 
-/** One client-credentials token from Entra ID, never from a cache: every call is a real refresh. */
-export async function requestToken(config: Config, credential: Credential): Promise<HeldToken> {
-  const msal = await loadMsal();
-  const authority = `${config.authorityHost}/${config.tenantId}`;
-  const application = new msal.ConfidentialClientApplication({
-    auth: {
-      clientId: config.clientId,
-      authority,
-      // A non-default host (sovereign cloud, test fake) is trusted as given.
-      knownAuthorities: [new URL(config.authorityHost).host],
-      authorityMetadata: JSON.stringify({
-        token_endpoint: tokenEndpoint(config),
-        authorization_endpoint: `${authority}/oauth2/v2.0/authorize`,
-        issuer: `${authority}/v2.0`,
-        jwks_uri: `${authority}/discovery/v2.0/keys`,
-      }),
-      clientCertificate: {
-        thumbprintSha256: credential.thumbprintSha256,
-        privateKey: credential.privateKeyPem,
-        x5c: config.sendCertificateChain ? credential.certificateChainPem : undefined,
-      },
-    },
-    system: {
-      networkClient: tokenNetworkClient,
-      loggerOptions: { piiLoggingEnabled: false, logLevel: 0 /* Error */, loggerCallback: () => {} },
-    },
-  });
-  const obtainedAtMs = Date.now();
-  const result: AuthenticationResult | null = await application.acquireTokenByClientCredential({
-    scopes: [config.scope],
-    skipCache: true,
-  });
-  if (!result?.accessToken) throw new Error("the identity provider answered without an access token");
-  const token = {
-    authorization: `Bearer ${result.accessToken}`,
-    expiresOnMs: result.expiresOn?.getTime() ?? Number.NaN,
-    refreshOnMs: result.refreshOn?.getTime(),
-    obtainedAtMs,
-  };
-  return checkTokenLifetime(token, Date.now());
-}
-
-/** A certificate this close to its end is warned about at startup and daily: rotation takes people time. */
-export const CERTIFICATE_EXPIRY_WARNING_MS = 30 * 24 * 60 * MINUTE;
-const CERTIFICATE_EXPIRY_CHECK_MS = 24 * 60 * MINUTE;
-
-export function warnIfCertificateExpiring(credential: Credential, nowMs: number): void {
-  const left = credential.notAfter.getTime() - nowMs;
-  const fields = {
-    not_after: credential.notAfter.toISOString(),
-    certificate_thumbprint: credential.thumbprintSha256,
-    certificate_thumbprint_sha1: credential.thumbprintSha1,
-  };
-  if (left <= 0) log("error", "the certificate has expired; Entra ID will reject it", fields);
-  else if (left < CERTIFICATE_EXPIRY_WARNING_MS) log("warn", "the certificate expires soon; upload and mount a new one", { ...fields, days_left: Math.floor(left / (24 * 60 * MINUTE)) });
-}
-
-/** AADSTS700027 names no cause a user can act on; this sentence does. */
-export function certificateMismatchHint(credential: Credential): string {
-  return (
-    `Entra ID does not accept this certificate: the one uploaded to the app registration differs from the file, or it has expired (not after ${credential.notAfter.toISOString()}). ` +
-    `Compare the portal's thumbprint under Certificates & secrets with SHA-1 ${credential.thumbprintSha1}.`
-  );
-}
-
 /** Upstream 401s arrive in bursts; one refresh per burst is enough. */
 const UNAUTHORIZED_REFRESH_INTERVAL_MS = 5 * SECOND;
 
@@ -677,20 +964,18 @@ export class TokenManager {
   acquisitionsFailed = 0;
   lastSuccessAtMs: number | undefined;
 
-  constructor(
-    private readonly config: Config,
-    private credential: Credential,
-  ) {}
+  constructor(private readonly identity: Identity) {}
 
-  /** The certificate in use (the last good one read). */
-  get certificate(): Credential {
-    return this.credential;
+  /** certificate mode: the certificate in use (the last good one read). */
+  get certificate(): Credential | undefined {
+    return this.identity.certificate;
   }
 
   start(): void {
     void this.refresh("startup");
-    warnIfCertificateExpiring(this.credential, Date.now());
-    this.expiryWarningTimer = setInterval(() => warnIfCertificateExpiring(this.credential, Date.now()), CERTIFICATE_EXPIRY_CHECK_MS);
+    const warnIfExpiring = () => this.identity.certificate && warnIfCertificateExpiring(this.identity.certificate, Date.now());
+    warnIfExpiring();
+    this.expiryWarningTimer = setInterval(warnIfExpiring, CERTIFICATE_EXPIRY_CHECK_MS);
     this.expiryWarningTimer.unref();
   }
 
@@ -709,8 +994,9 @@ export class TokenManager {
   /** Why no valid token is held, for /health and 503 bodies: never a secret. */
   unavailableReason(): string {
     const now = Date.now();
+    const certificate = this.identity.certificate;
     const certificateExpired =
-      this.credential.notAfter.getTime() < now ? `the certificate (SHA-1 ${this.credential.thumbprintSha1}) expired at ${this.credential.notAfter.toISOString()}; ` : "";
+      certificate && certificate.notAfter.getTime() < now ? `the certificate (SHA-1 ${certificate.thumbprintSha1}) expired at ${certificate.notAfter.toISOString()}; ` : "";
     const tokenExpired = this.current ? `the token expired at ${new Date(this.current.expiresOnMs).toISOString()}; ` : "";
     return `${certificateExpired}${tokenExpired}${this.lastFailure}`;
   }
@@ -737,10 +1023,9 @@ export class TokenManager {
 
   private async acquire(trigger: string): Promise<void> {
     clearTimeout(this.timer);
-    this.reloadCredential();
     this.lastRequestAtMs = Date.now();
     try {
-      const token = await requestToken(this.config, this.credential);
+      const token = checkTokenLifetime(await this.identity.requestToken(), Date.now());
       this.current = token;
       this.acquisitionsSucceeded += 1;
       this.lastSuccessAtMs = Date.now();
@@ -752,7 +1037,7 @@ export class TokenManager {
         trigger,
         expires_on: new Date(token.expiresOnMs).toISOString(),
         refresh_at: new Date(token.obtainedAtMs + delay).toISOString(),
-        certificate_thumbprint: this.credential.thumbprintSha256,
+        ...this.identity.describe(),
       });
     } catch (error) {
       this.failures += 1;
@@ -766,28 +1051,11 @@ export class TokenManager {
         trigger,
         aadsts,
         error: message,
-        hint: aadsts === "AADSTS700027" ? certificateMismatchHint(this.credential) : undefined,
-        certificate_thumbprint: this.credential.thumbprintSha256,
-        certificate_thumbprint_sha1: this.credential.thumbprintSha1,
+        hint: this.identity.hint(error, aadsts),
+        ...this.identity.describe(),
         attempt: this.failures,
         retry_in_s: Math.round(delay / 100) / 10,
         serving: tokenStillValid ? "current token still valid" : "no valid token: requests get 503",
-      });
-    }
-  }
-
-  /** A rotated file is used at once; a broken one is reported and the last good credential kept. */
-  private reloadCredential(): void {
-    try {
-      const fresh = readCredential(this.config);
-      if (fresh.thumbprintSha256 !== this.credential.thumbprintSha256) {
-        log("info", "certificate changed", { certificate_thumbprint: fresh.thumbprintSha256, not_after: fresh.notAfter.toISOString() });
-      }
-      this.credential = fresh;
-    } catch (error) {
-      log("error", "certificate file unusable; keeping the last good certificate", {
-        error: errorMessage(error),
-        certificate_thumbprint: this.credential.thumbprintSha256,
       });
     }
   }
@@ -1810,8 +2078,8 @@ function listen<T>(address: string, start: () => T): T {
   }
 }
 
-export function startProxy(config: Config, credential: Credential): RunningProxy {
-  const tokens = new TokenManager(config, credential);
+export function startProxy(config: Config, identity: Identity): RunningProxy {
+  const tokens = new TokenManager(identity);
   const metrics = newMetrics();
   const upstream: Upstream = {
     apiBaseUrl: config.apiBaseUrl,
@@ -1839,7 +2107,7 @@ export function startProxy(config: Config, credential: Credential): RunningProxy
   }
 
   function metricsPage(method: string): Response {
-    const text = renderMetrics({ metrics, tokens, websocketSessionsOpen: relay.sessions.size, certificateNotAfterMs: tokens.certificate.notAfter.getTime() });
+    const text = renderMetrics({ metrics, tokens, websocketSessionsOpen: relay.sessions.size, certificateNotAfterMs: tokens.certificate?.notAfter.getTime() });
     return new Response(method === "HEAD" ? null : text, { headers: METRICS_HEADERS });
   }
 
@@ -1963,14 +2231,17 @@ export function startProxy(config: Config, credential: Credential): RunningProxy
 
 const HELP = `auth-proxy ${VERSION}
 Forwards requests to Azure OpenAI (or any Entra ID protected API) with an
-Entra ID access token obtained with a client certificate.
+Entra ID access token: client certificate, workload identity, managed
+identity or client secret.
 
 Usage: auth-proxy [flags]          (development: bun proxy.ts [flags])
 
 Flags override the environment variables named beside them:
-  --client-id <id>          AZURE_CLIENT_ID          application (client) ID (required)
-  --tenant-id <id>          AZURE_TENANT_ID          tenant ID or domain (required)
-  --certificate-path <file> AZURE_CERTIFICATE_PATH   PEM with certificate and private key (required)
+  --auth-mode <mode>        AZURE_AUTH_MODE          certificate, client-secret, workload-identity, managed-identity
+                                                     (unset: the first of certificate, client secret, federated token file set)
+  --client-id <id>          AZURE_CLIENT_ID          application (client) ID; managed identity: a user-assigned one's
+  --tenant-id <id>          AZURE_TENANT_ID          tenant ID or domain (not for managed identity)
+  --certificate-path <file> AZURE_CERTIFICATE_PATH   PEM with certificate and private key (certificate mode)
   --api-base-url <url>      API_BASE_URL             upstream, e.g. https://x.openai.azure.com (required)
   --host <addr>             HOST                     listen address (0.0.0.0)
   --port <n>                PORT                     listen port (8080)
@@ -1986,6 +2257,8 @@ Flags override the environment variables named beside them:
   -v, --version             the version
 
 Environment only:
+  AZURE_CLIENT_SECRET, AZURE_CLIENT_SECRET_FILE  client-secret mode (the file is re-read for every token)
+  AZURE_FEDERATED_TOKEN_FILE           workload-identity mode (set by the AKS webhook; re-read for every token)
   AZURE_CERTIFICATE_PASSWORD           password of an encrypted private key
   AZURE_CLIENT_SEND_CERTIFICATE_CHAIN  true sends x5c (subject name/issuer auth) (false)
   SHUTDOWN_TIMEOUT                     seconds to let requests finish on SIGTERM (25)
@@ -1997,6 +2270,7 @@ WebSocket upgrades (the Realtime API) relayed with the token in the upstream han
 `;
 
 const FLAG_SPEC = {
+  "--auth-mode": String,
   "--client-id": String,
   "--tenant-id": String,
   "--certificate-path": String,
@@ -2077,29 +2351,43 @@ function fail(lines: string[], exitCode = 1): never {
   process.exit(exitCode);
 }
 
-async function check(config: Config, credential: Credential): Promise<never> {
+/** The startup line's and --check's account of who the proxy is and why: never a secret. */
+function identitySummary(config: Config, identity: Identity): Record<string, string | undefined> {
+  const viaEntra = config.authMode !== "managed-identity";
+  const certificate = identity.certificate;
+  return {
+    identity_mode: config.authMode,
+    identity_reason: config.authModeReason,
+    client_id: config.clientId,
+    tenant_id: viaEntra ? config.tenantId : undefined,
+    ...identity.describe(),
+    certificate_subject: certificate?.subject,
+    certificate_not_after: certificate?.notAfter.toISOString(),
+  };
+}
+
+async function check(config: Config, identity: Identity): Promise<never> {
   try {
-    const token = await requestToken(config, credential);
-    const summary = {
+    const token = checkTokenLifetime(await identity.requestToken(), Date.now());
+    const { certificate_thumbprint, ...summary } = identitySummary(config, identity);
+    const report = {
       status: "ok",
-      client_id: config.clientId,
-      tenant_id: config.tenantId,
+      ...summary,
+      certificate_thumbprint_sha256: certificate_thumbprint,
       scope: config.scope,
-      token_endpoint: tokenEndpoint(config),
-      certificate_thumbprint_sha256: credential.thumbprintSha256,
-      certificate_thumbprint_sha1: credential.thumbprintSha1,
-      certificate_subject: credential.subject,
-      certificate_not_after: credential.notAfter.toISOString(),
+      token_endpoint: config.authMode === "managed-identity" ? undefined : tokenEndpoint(config),
       token_expires_on: new Date(token.expiresOnMs).toISOString(),
     };
-    process.stdout.write(JSON.stringify(summary, null, 2) + "\n");
+    process.stdout.write(JSON.stringify(report, null, 2) + "\n");
     process.exit(0);
   } catch (error) {
     const { message, aadsts } = describeTokenError(error);
+    const certificate = identity.certificate;
+    const hint = identity.hint(error, aadsts);
     fail([
-      `--check failed: ${aadsts && !message.includes(aadsts) ? `${aadsts}: ` : ""}${message} ` +
-        `(certificate SHA-256 ${credential.thumbprintSha256}, SHA-1 ${credential.thumbprintSha1})` +
-        (aadsts === "AADSTS700027" ? ` ${certificateMismatchHint(credential)}` : ""),
+      `--check failed (${config.authMode} mode): ${aadsts && !message.includes(aadsts) ? `${aadsts}: ` : ""}${message}` +
+        (certificate ? ` (certificate SHA-256 ${certificate.thumbprintSha256}, SHA-1 ${certificate.thumbprintSha1})` : "") +
+        (hint ? ` ${hint}` : ""),
     ]);
   }
 }
@@ -2123,18 +2411,18 @@ export async function main(argv: string[]): Promise<void> {
   logThreshold = LOG_LEVEL_RANK[config.logLevel];
   accessLogEnabled = logThreshold <= LOG_LEVEL_RANK.info;
 
-  let credential: Credential;
+  let identity: Identity;
   try {
-    credential = readCredential(config);
+    identity = createIdentity(config);
   } catch (error) {
     fail([errorMessage(error)]);
   }
-  if (flags["--check"]) return check(config, credential);
+  if (flags["--check"]) return check(config, identity);
 
   reexecWithFetchConcurrencyLimit();
   let proxy: RunningProxy;
   try {
-    proxy = startProxy(config, credential);
+    proxy = startProxy(config, identity);
   } catch (error) {
     fail([errorMessage(error)]);
   }
@@ -2146,11 +2434,7 @@ export async function main(argv: string[]): Promise<void> {
     version: VERSION,
     listen: `${config.host}:${proxy.server.port}`,
     upstream: config.upstreamOrigin,
-    client_id: config.clientId,
-    tenant_id: config.tenantId,
-    certificate_thumbprint: credential.thumbprintSha256,
-    certificate_thumbprint_sha1: credential.thumbprintSha1,
-    certificate_not_after: credential.notAfter.toISOString(),
+    ...identitySummary(config, identity),
     admin_listen: proxy.admin === undefined ? undefined : `${config.adminHost}:${proxy.admin.port}`,
     caller_keys: config.callerKeys === undefined ? "off" : "file" in config.callerKeys ? "PROXY_API_KEYS_FILE" : "PROXY_API_KEYS",
   });

@@ -17,6 +17,7 @@ import { join } from "node:path";
 import type { Subprocess } from "bun";
 import { CertificateFactory } from "../test/certificates.ts";
 import { FakeEntraId } from "../test/fakes.ts";
+import { BASELINE_REF, identityIdleMemory } from "./identities.ts";
 import { freePort, memoryKiB, ROOT, waitForStatus as waitFor } from "../test/harness.ts";
 
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
@@ -282,6 +283,11 @@ const wsMedian = (name: string, key: keyof WebSocketSample) => median(websocketS
 const wsRow = (label: string, key: keyof WebSocketSample, digits: number) =>
   `| ${label} | ${names.map((name) => (websocketTargets.includes(name) ? (digits === 0 ? Math.round(wsMedian(name, key)).toLocaleString("en-US") : wsMedian(name, key).toFixed(digits)) : "–")).join(" | ")} |`;
 const wsAdded = wsMedian("auth-proxy", "rtt1") - wsMedian("direct", "rtt1");
+// Idle memory per identity mode, and against the build before the modes beyond the certificate.
+const identityIdle = await identityIdleMemory({ upstream, proxyBinary: PROXY_BINARY, rounds: Math.max(ROUNDS, 5), serverCpu: SERVER_CPU, workDir: work });
+const baselineIdle = Object.entries(identityIdle).find(([name]) => name.includes(BASELINE_REF))?.[1];
+const worstModeIdle = Math.max(...Object.entries(identityIdle).filter(([name]) => !name.includes(BASELINE_REF)).map(([, kib]) => kib));
+
 const tlsMedian = (name: string, key: keyof TlsSample) => median(tlsSamples[name]!.map((sample) => sample[key]));
 const tlsRow = (label: string, key: keyof TlsSample, digits: number) =>
   `| ${label} | ${names.map((name) => (digits === 0 ? Math.round(tlsMedian(name, key)).toLocaleString("en-US") : tlsMedian(name, key).toFixed(digits))).join(" | ")} |`;
@@ -302,6 +308,13 @@ const checks = [
   [`Peak RSS after the c=64 run ≤ 64 MB`, `${mb(peakAfterLoad)} MB (compiled Bun floor: ${mb(floorPeakAfterLoad)} MB; auth-proxy after every load above, 1 MB bodies included: ${mb(peakAfterAllLoads)} MB)`, peakAfterLoad <= 64 * 1024],
   [`Peak RSS with 1,000 concurrent streams ≤ 150 MB`, `${mb(peakWithStreams)} MB (${held.complete}/${held.opened} streams complete)`, peakWithStreams <= 150 * 1024 && held.complete === held.opened],
   [`RSS 5 s after the streams end within 20 % of idle`, `${mb(rssAfterStreams)} MB (${((rssAfterStreams / idleRss - 1) * 100).toFixed(0)} % over idle)`, rssAfterStreams <= idleRss * 1.2],
+  [
+    `Idle RSS growth from the identity modes < 2 MB (every mode vs the certificate-only build ${BASELINE_REF}, compiled)`,
+    baselineIdle === undefined
+      ? `baseline ${BASELINE_REF} not in this checkout: ${Object.entries(identityIdle).map(([name, kib]) => `${name} ${mb(kib)} MB`).join(", ")}`
+      : `${worstModeIdle - baselineIdle >= 0 ? "+" : "−"}${mb(Math.abs(worstModeIdle - baselineIdle))} MB at most: ${Object.entries(identityIdle).map(([name, kib]) => `${name} ${mb(kib)}`).join(", ")} MB`,
+    baselineIdle !== undefined && worstModeIdle - baselineIdle < 2 * 1024,
+  ],
   [`Exec to /live ≤ 1.5 × bare compiled Bun.serve`, `${startupRatio.toFixed(2)} × (${startupMedians["auth-proxy binary"]!.toFixed(1)} vs ${startupMedians["bare compiled Bun.serve"]!.toFixed(1)} ms)`, startupRatio <= 1.5],
 ] as const;
 

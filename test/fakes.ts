@@ -3,7 +3,7 @@
  * loopback with the same shape as the real ones. Used by the tests, the
  * demo and the benchmark; never by proxy.ts.
  */
-import { constants, createHash, randomBytes, verify, X509Certificate } from "node:crypto";
+import { constants, createHash, generateKeyPairSync, type KeyObject, randomBytes, sign, verify, X509Certificate } from "node:crypto";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import { gzipSync } from "node:zlib";
@@ -23,7 +23,21 @@ export interface AppRegistration {
   tokenLifetimeSeconds?: number;
   /** A misbehaving identity provider: this answer replaces the token response for this app. */
   answer?: () => Response;
+  /** Client secrets ("Certificates & secrets", their values). */
+  secrets?: string[];
+  /** Federated identity credentials: an external token with this issuer, subject and audience stands in for a credential. */
+  federatedCredentials?: FederatedCredential[];
 }
+
+export interface FederatedCredential {
+  issuer: string;
+  /** For AKS workload identity: system:serviceaccount:<namespace>:<service account>. */
+  subject: string;
+  /** api://AzureADTokenExchange unless set. */
+  audience?: string;
+}
+
+export const TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange";
 
 interface IssuedToken {
   expiresAtMs: number;
@@ -44,8 +58,12 @@ export class FakeEntraId {
   readonly tenantId = "11111111-2222-3333-4444-555555555555";
   readonly apps = new Map<string, AppRegistration>();
   readonly issued = new Map<string, IssuedToken>();
-  /** Every client assertion received, so tests can check none leaks. */
+  /** Every client assertion received (federated tokens too), so tests can check none leaks. */
   readonly assertions: string[] = [];
+  /** Every client secret received, likewise. */
+  readonly clientSecrets: string[] = [];
+  /** The signing keys of the OIDC issuers Entra has fetched (from the issuer's JWKS), by issuer URL. */
+  readonly issuerKeys = new Map<string, KeyObject>();
   tokenLifetimeSeconds = 3600;
   refreshInSeconds: number | undefined;
   outage: Outage | undefined;
@@ -94,6 +112,18 @@ export class FakeEntraId {
   releaseHanging(): void {
     for (const release of this.hanging) release();
     this.hanging.clear();
+  }
+
+  /** Trusts an external OIDC issuer's key, as Entra does after fetching its JWKS. */
+  trustIssuer(issuer: FakeOidcIssuer): void {
+    this.issuerKeys.set(issuer.url, issuer.publicKey);
+  }
+
+  /** Issues an access token for `clientId` outside the token endpoint: what the managed identity endpoints hand out. */
+  mint(clientId: string, lifetimeSeconds: number): string {
+    const token = `fake-at-${b64url(randomBytes(24))}`;
+    this.issued.set(token, { expiresAtMs: Date.now() + lifetimeSeconds * 1000, clientId });
+    return token;
   }
 
   isValid(token: string): boolean {
@@ -147,13 +177,21 @@ export class FakeEntraId {
     if (!scope.split(" ").some((s) => s.endsWith("/.default"))) {
       return this.aadError(400, "invalid_scope", 1002012, `The provided value for scope ${scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.`);
     }
-    if (form.get("client_assertion_type") !== "urn:ietf:params:oauth:client-assertion-type:jwt-bearer") {
-      return this.aadError(401, "invalid_client", 7000218, "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.");
+    const secret = form.get("client_secret");
+    if (secret !== null) {
+      this.clientSecrets.push(secret);
+      if (!(app.secrets ?? []).includes(secret)) {
+        return this.aadError(401, "invalid_client", 7000215, `Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '${clientId}'.`);
+      }
+    } else {
+      if (form.get("client_assertion_type") !== "urn:ietf:params:oauth:client-assertion-type:jwt-bearer") {
+        return this.aadError(401, "invalid_client", 7000218, "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.");
+      }
+      const assertion = form.get("client_assertion") ?? "";
+      this.assertions.push(assertion);
+      const fault = this.verifyAssertion(assertion, app);
+      if (fault) return this.aadError(401, "invalid_client", fault.code, fault.description);
     }
-    const assertion = form.get("client_assertion") ?? "";
-    this.assertions.push(assertion);
-    const fault = this.verifyAssertion(assertion, app);
-    if (fault) return this.aadError(401, "invalid_client", fault.code, fault.description);
 
     if (app.answer) return app.answer();
 
@@ -181,6 +219,8 @@ export class FakeEntraId {
     } catch {
       return { code: 50027, description: "JWT token is invalid or malformed." };
     }
+    // An assertion the app did not sign itself is a federated one: an external issuer vouches for the workload.
+    if (claims.iss !== app.clientId) return this.verifyFederatedAssertion(`${headerPart}.${payloadPart}`, signaturePart, header, claims, app);
 
     const certificate = this.signingCertificate(header, app);
     if (!certificate) {
@@ -214,6 +254,35 @@ export class FakeEntraId {
     return undefined;
   }
 
+  /** Entra's checks of a federated assertion: a credential for its issuer, the issuer's signature, the time range, then subject and audience. */
+  private verifyFederatedAssertion(
+    signed: string,
+    signaturePart: string,
+    header: Record<string, unknown>,
+    claims: Record<string, unknown>,
+    app: AppRegistration,
+  ): { code: number; description: string } | undefined {
+    const issuer = String(claims.iss);
+    const candidates = (app.federatedCredentials ?? []).filter((credential) => credential.issuer === issuer);
+    if (candidates.length === 0) {
+      return { code: 700211, description: `No matching federated identity record found for presented assertion issuer '${issuer}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.` };
+    }
+    const key = this.issuerKeys.get(issuer);
+    if (!key || header.alg !== "RS256" || !verify("sha256", Buffer.from(signed), key, Buffer.from(signaturePart, "base64url"))) {
+      return { code: 50013, description: "Assertion failed signature validation. [Reason - The key was not found.]" };
+    }
+    const now = Math.floor(Date.now() / 1000);
+    if (typeof claims.exp !== "number" || claims.exp < now || (typeof claims.nbf === "number" && claims.nbf > now + 300)) {
+      return { code: 700024, description: `Client assertion is not within its valid time range. Current time: ${new Date().toISOString()}, expiry time of assertion ${typeof claims.exp === "number" ? new Date(claims.exp * 1000).toISOString() : "missing"}.` };
+    }
+    const audiences = Array.isArray(claims.aud) ? claims.aud.map(String) : [String(claims.aud)];
+    const match = candidates.find((credential) => credential.subject === claims.sub && audiences.includes(credential.audience ?? TOKEN_EXCHANGE_AUDIENCE));
+    if (!match) {
+      return { code: 70021, description: `No matching federated identity record found for presented assertion. Assertion Issuer: '${issuer}'. Assertion Subject: '${String(claims.sub)}'. Assertion Audience: '${audiences.join(",")}'.` };
+    }
+    return undefined;
+  }
+
   private signingCertificate(header: Record<string, unknown>, app: AppRegistration): X509Certificate | undefined {
     const x5tS256 = header["x5t#S256"];
     if (typeof x5tS256 === "string") {
@@ -229,6 +298,130 @@ export class FakeEntraId {
       if (leaf.checkIssued(issuer) && leaf.verify(issuer.publicKey)) return leaf;
     }
     return undefined;
+  }
+}
+
+// ---------------------------------------------------------------- workload identity
+
+/**
+ * A Kubernetes cluster's OIDC issuer: signs projected service account
+ * tokens (RS256, audience api://AzureADTokenExchange) as the kubelet
+ * writes them for the workload identity webhook.
+ */
+export class FakeOidcIssuer {
+  readonly url: string;
+  private readonly keys = generateKeyPairSync("rsa", { modulusLength: 2048 });
+  private readonly kid = b64url(randomBytes(8));
+
+  constructor(name = "cluster") {
+    this.url = `https://oidc.prod-aks.azure.com/${name}-${b64url(randomBytes(6))}/`;
+  }
+
+  get publicKey(): KeyObject {
+    return this.keys.publicKey;
+  }
+
+  /** A service account token; `expiresInSeconds` may be negative (a stale file). */
+  serviceAccountToken(namespace: string, serviceAccount: string, options: { expiresInSeconds?: number; audience?: string } = {}): string {
+    const now = Math.floor(Date.now() / 1000);
+    const expiresIn = options.expiresInSeconds ?? 3600;
+    const header = { alg: "RS256", kid: this.kid };
+    const claims = {
+      aud: [options.audience ?? TOKEN_EXCHANGE_AUDIENCE],
+      exp: now + expiresIn,
+      iat: Math.min(now, now + expiresIn - 3600),
+      nbf: Math.min(now, now + expiresIn - 3600),
+      iss: this.url,
+      sub: `system:serviceaccount:${namespace}:${serviceAccount}`,
+      "kubernetes.io": { namespace, serviceaccount: { name: serviceAccount, uid: crypto.randomUUID() }, pod: { name: "app-0", uid: crypto.randomUUID() } },
+    };
+    const signed = `${b64url(Buffer.from(JSON.stringify(header)))}.${b64url(Buffer.from(JSON.stringify(claims)))}`;
+    return `${signed}.${b64url(sign("sha256", Buffer.from(signed), this.keys.privateKey))}`;
+  }
+}
+
+// ---------------------------------------------------------------- managed identity
+
+export interface ManagedIdentityRequest {
+  path: string;
+  query: Record<string, string>;
+  headers: Record<string, string>;
+}
+
+/**
+ * The two managed identity endpoints MSAL-node finds most often, as they
+ * answer: IMDS (GET /metadata/identity/oauth2/token, `Metadata: true`,
+ * api-version 2018-02-01; MSAL reaches it through
+ * AZURE_POD_IDENTITY_AUTHORITY_HOST) and App Service (GET IDENTITY_ENDPOINT
+ * with the IDENTITY_HEADER secret as X-IDENTITY-HEADER, api-version
+ * 2019-08-01). The tokens come from the fake Entra ID, so the fake Azure
+ * OpenAI accepts them.
+ */
+export class FakeManagedIdentityEndpoint {
+  readonly requests: ManagedIdentityRequest[] = [];
+  /** The client id of the system-assigned identity, and those of the user-assigned ones attached. */
+  systemAssigned = crypto.randomUUID();
+  readonly userAssigned = new Set<string>();
+  lifetimeSeconds = 86399;
+  /** App Service's per-instance secret. */
+  readonly identityHeader = b64url(randomBytes(18));
+  private server: ReturnType<typeof Bun.serve> | undefined;
+
+  constructor(
+    private readonly entra: FakeEntraId,
+    readonly kind: "imds" | "app-service",
+  ) {}
+
+  start(port = 0): this {
+    this.server = Bun.serve({ hostname: "127.0.0.1", port, fetch: (req) => this.handle(req) });
+    return this;
+  }
+
+  stop(): void {
+    this.server?.stop(true);
+  }
+
+  get port(): number {
+    return this.server!.port!;
+  }
+
+  /** The variables MSAL-node reads to find this endpoint. */
+  environment(port = this.port): Record<string, string> {
+    return this.kind === "imds"
+      ? { AZURE_POD_IDENTITY_AUTHORITY_HOST: `http://127.0.0.1:${port}` }
+      : { IDENTITY_ENDPOINT: `http://127.0.0.1:${port}/msi/token`, IDENTITY_HEADER: this.identityHeader };
+  }
+
+  private handle(req: Request): Response {
+    const url = new URL(req.url);
+    const query = Object.fromEntries(url.searchParams);
+    this.requests.push({ path: url.pathname, query, headers: Object.fromEntries(req.headers) });
+    const imds = this.kind === "imds";
+    // MSAL-node's URL handling adds a trailing slash to an endpoint taken from the environment; the services accept both.
+    if (url.pathname.replace(/\/$/, "") !== (imds ? "/metadata/identity/oauth2/token" : "/msi/token")) return new Response("not found", { status: 404 });
+    if (imds && req.headers.get("metadata") !== "true") {
+      return Response.json({ error: "invalid_request", error_description: "Required metadata header not specified" }, { status: 400 });
+    }
+    if (!imds && req.headers.get("x-identity-header") !== this.identityHeader) {
+      return Response.json({ statusCode: 401, message: "Unauthorized" }, { status: 401 });
+    }
+    if (query["api-version"] !== (imds ? "2018-02-01" : "2019-08-01")) {
+      return Response.json({ error: "invalid_request", error_description: "Invalid API version" }, { status: 400 });
+    }
+    if (!query.resource || query.resource.endsWith("/.default")) {
+      return Response.json({ error: "invalid_resource", error_description: `AADSTS500011: The resource principal named ${query.resource} was not found.` }, { status: 400 });
+    }
+    const clientId = query.client_id ?? this.systemAssigned;
+    if (query.client_id !== undefined && !this.userAssigned.has(query.client_id)) {
+      return Response.json({ error: "invalid_request", error_description: "Identity not found" }, { status: 400 });
+    }
+    const expiresOn = Math.floor(Date.now() / 1000) + this.lifetimeSeconds;
+    const token = this.entra.mint(clientId, this.lifetimeSeconds);
+    return Response.json(
+      imds
+        ? { access_token: token, client_id: clientId, expires_in: String(this.lifetimeSeconds), expires_on: String(expiresOn), ext_expires_in: String(this.lifetimeSeconds), not_before: String(expiresOn - this.lifetimeSeconds), resource: query.resource, token_type: "Bearer" }
+        : { access_token: token, expires_on: String(expiresOn), resource: query.resource, token_type: "Bearer", client_id: clientId },
+    );
   }
 }
 
