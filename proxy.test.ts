@@ -1168,6 +1168,14 @@ describe("Identities", () => {
     });
   });
 
+  test("--help names --auth-mode, the four modes and each mode's variables", async () => {
+    const proxy = spawnProxy({}, ["--help"]);
+    expect(await proxy.exited).toBe(0);
+    for (const text of ["--auth-mode", "AZURE_AUTH_MODE", "certificate, client-secret, workload-identity, managed-identity", "AZURE_CLIENT_SECRET_FILE", "AZURE_FEDERATED_TOKEN_FILE"]) {
+      expect(proxy.stdout).toContain(text);
+    }
+  });
+
   test("a pod with a certificate and the webhook's token file uses the certificate, and the startup line says why", async () => {
     const issuer = new FakeOidcIssuer();
     const tokenFile = certs.write("both-token", issuer.serviceAccountToken("ai", "chat"));
