@@ -1208,7 +1208,7 @@ describe("Identities", () => {
     entra.register({ clientId: SECRET_APP_ID, certificates: [], secrets: [ROTATED_SECRET], tokenLifetimeSeconds: 4 });
     replaceFile(secretFile, ROTATED_SECRET);
     await nextLog(proxy, (line) => line.msg === "token acquired");
-    expect(entra.clientSecrets.at(-1)).toBe(ROTATED_SECRET);
+    expect(entra.clientSecrets.at(-1) === ROTATED_SECRET).toBe(true);
     await forwardedWithValidToken(proxy);
 
     // A wrong secret: AADSTS7000215 with what to check, requests served while the token lasts, then 503, never an exit.
@@ -1259,7 +1259,8 @@ describe("Identities", () => {
     const rotated = issuer.serviceAccountToken("ai", "chat", { expiresInSeconds: 3000 });
     replaceFile(tokenFile, rotated);
     await nextLog(proxy, (line) => line.msg === "token acquired");
-    expect(entra.assertions.at(-1)).toBe(rotated);
+    // Compared as a boolean so a failure never prints the token.
+    expect(entra.assertions.at(-1) === rotated).toBe(true);
 
     /** Puts `content` in the file (or removes it), expects one failure naming `expected`, then restores a good token. */
     const failsWith = async (content: string | undefined, expected: { aadsts?: string; error?: string; hint?: string }) => {
