@@ -18,6 +18,7 @@ import {
   backoffDelay,
   chooseAuthMode,
   describeTokenError,
+  federatedCredentialHint,
   jsonString,
   KEEP_ALIVE_IDLE_SECONDS,
   MAX_TOKEN_LIFETIME_MS,
@@ -1168,6 +1169,16 @@ describe("Identities", () => {
     });
   });
 
+  test("each federated-credential AADSTS code gets a hint naming what the token presents", () => {
+    const claims = { issuer: "https://oidc.example/abc/", subject: "system:serviceaccount:ai:chat", audience: "api://AzureADTokenExchange", expiresAt: "2026-11-29T00:00:00.000Z" };
+    expect(federatedCredentialHint("AADSTS700211", claims, CLIENT_ID, "/t")).toContain("whose issuer is exactly https://oidc.example/abc/");
+    for (const code of ["AADSTS70021", "AADSTS700212", "AADSTS700213"]) {
+      expect(federatedCredentialHint(code, claims, CLIENT_ID, "/t")).toContain("The token presents issuer https://oidc.example/abc/, subject system:serviceaccount:ai:chat, audience api://AzureADTokenExchange");
+    }
+    expect(federatedCredentialHint("AADSTS700024", claims, CLIENT_ID, "/t")).toContain("The token in /t has expired (exp 2026-11-29T00:00:00.000Z)");
+    expect(federatedCredentialHint("AADSTS50013", claims, CLIENT_ID, "/t")).toBeUndefined();
+  });
+
   test("--help names --auth-mode, the four modes and each mode's variables", async () => {
     const proxy = spawnProxy({}, ["--help"]);
     expect(await proxy.exited).toBe(0);
@@ -1344,6 +1355,7 @@ describe("Identities", () => {
       const unknown = await startProxy(identityEnv({ AZURE_AUTH_MODE: "managed-identity", AZURE_CLIENT_ID: CLIENT_ID, ...appService.environment() }));
       const failure = await unknown.waitForLog((line) => line.msg === "token acquisition failed");
       expect(String(failure.error)).toContain("Identity not found");
+      expect(String(failure.hint)).toContain(`no user-assigned managed identity with client ID ${CLIENT_ID} is attached to this host`);
       const health = await fetch(`${unknown.url}/health`);
       expect(health.status).toBe(503);
       expect((await readJson(health)).reason).toContain("Identity not found");

@@ -700,7 +700,10 @@ export function federatedCredentialHint(aadsts: string | undefined, claims: Fede
   switch (aadsts) {
     case "AADSTS700211":
       return `No federated credential on app ${clientId} has this token's issuer: add one whose issuer is exactly ${claims.issuer} (the cluster's OIDC issuer URL). The token presents ${presented}.`;
+    // Entra answers a subject or audience mismatch with AADSTS70021, or lately with the narrower 700213 (subject) and 700212 (audience).
     case "AADSTS70021":
+    case "AADSTS700212":
+    case "AADSTS700213":
       return `No federated credential on app ${clientId} matches this token: its subject must be system:serviceaccount:<namespace>:<service account> of this pod and its audience ${FEDERATED_TOKEN_AUDIENCE}. The token presents ${presented}.`;
     case "AADSTS700024":
       return `The token in ${file} has expired (exp ${claims.expiresAt || "missing"}): the kubelet should have replaced it; check the pod's projected service account token volume.`;
@@ -719,10 +722,17 @@ function managedIdentity(config: Config): Identity {
       managed_identity: config.clientId === undefined ? "system-assigned" : `user-assigned ${config.clientId}`,
       managed_identity_source: source,
     }),
-    hint: (error) =>
-      (error as { errorCode?: string })?.errorCode === UNREACHABLE
-        ? `the managed identity endpoint (${source ?? "IMDS"}) did not answer: off Azure, or on a host without a managed identity, this mode cannot get a token; use certificate, workload-identity or client-secret there.`
-        : undefined,
+    hint: (error) => {
+      if ((error as { errorCode?: string })?.errorCode === UNREACHABLE) {
+        return `the managed identity endpoint (${source ?? "IMDS"}) did not answer: off Azure, or on a host without a managed identity, this mode cannot get a token; use certificate, workload-identity or client-secret there.`;
+      }
+      if (/identity not found/i.test(describeTokenError(error).message)) {
+        return config.clientId === undefined
+          ? "this host has no system-assigned managed identity: turn it on (Identity, System assigned), or attach a user-assigned one and set AZURE_CLIENT_ID to its client ID."
+          : `no user-assigned managed identity with client ID ${config.clientId} is attached to this host: attach it (Identity, User assigned), or correct AZURE_CLIENT_ID.`;
+      }
+      return undefined;
+    },
     requestToken: async () => {
       const msal = await loadMsal();
       application ??= new msal.ManagedIdentityApplication({
