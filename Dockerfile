@@ -40,7 +40,7 @@ FROM scratch AS scratch
 ARG GIT_COMMIT=unknown
 COPY --from=rootfs /rootfs/ /
 LABEL org.opencontainers.image.title="auth-proxy" \
-      org.opencontainers.image.description="Entra ID certificate-credential token sidecar for Azure OpenAI" \
+      org.opencontainers.image.description="Entra ID token sidecar for Azure OpenAI (certificate, workload identity, managed identity, client secret)" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.revision="${GIT_COMMIT}" \
       org.opencontainers.image.base.name="scratch"
@@ -57,7 +57,7 @@ ARG GIT_COMMIT=unknown
 ARG DISTROLESS_IMAGE
 COPY --from=build /out/auth-proxy /auth-proxy
 LABEL org.opencontainers.image.title="auth-proxy" \
-      org.opencontainers.image.description="Entra ID certificate-credential token sidecar for Azure OpenAI" \
+      org.opencontainers.image.description="Entra ID token sidecar for Azure OpenAI (certificate, workload identity, managed identity, client secret)" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.revision="${GIT_COMMIT}" \
       org.opencontainers.image.base.name="${DISTROLESS_IMAGE}"
