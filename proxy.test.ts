@@ -1330,6 +1330,20 @@ describe("Identities", () => {
     }
   });
 
+  test("managed identity endpoints are asked directly, never through HTTP_PROXY (they live on the host)", async () => {
+    const imds = new FakeManagedIdentityEndpoint(entra, "imds").start();
+    // A proxy that is not there: a token request sent through it would be refused.
+    const deadProxy = `http://127.0.0.1:${freePort()}`;
+    try {
+      const proxy = await startProxy(identityEnv({ AZURE_AUTH_MODE: "managed-identity", HTTP_PROXY: deadProxy, HTTPS_PROXY: deadProxy, NO_PROXY: "example.internal", ...imds.environment() }));
+      await proxy.waitForHealth();
+      expect(imds.requests).toHaveLength(1);
+      await proxy.stop();
+    } finally {
+      imds.stop();
+    }
+  });
+
   test("managed identity through App Service: a user-assigned identity's client ID reaches the endpoint; tokens refreshed; an unknown identity is a clear failure", async () => {
     const appService = new FakeManagedIdentityEndpoint(entra, "app-service").start();
     identityHeaders.push(appService.identityHeader);

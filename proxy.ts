@@ -738,7 +738,7 @@ function managedIdentity(config: Config): Identity {
       application ??= new msal.ManagedIdentityApplication({
         managedIdentityIdParams: config.clientId === undefined ? undefined : { userAssignedClientId: config.clientId },
         // The token manager retries with its own backoff; MSAL's inner retries would hide minutes inside one attempt.
-        system: { networkClient: tokenNetworkClient, loggerOptions: QUIET_MSAL_LOGGER, disableInternalRetries: true },
+        system: { networkClient: managedIdentityNetworkClient, loggerOptions: QUIET_MSAL_LOGGER, disableInternalRetries: true },
       });
       const found = application.getManagedIdentitySource();
       source = found === "DefaultToImds" ? "IMDS" : found;
@@ -835,6 +835,24 @@ function loadMsal(): Promise<Msal> {
 /** The token endpoint Entra ID publishes for every cloud, so no discovery round-trip is needed. */
 export function tokenEndpoint(config: Pick<Config, "authorityHost" | "tenantId">): string {
   return `${config.authorityHost}/${config.tenantId}/oauth2/v2.0/token`;
+}
+
+/** The same bounded client, for endpoints that live on the host itself (IMDS, App Service, Arc): never through a proxy. */
+const managedIdentityNetworkClient: INetworkModule = {
+  sendGetRequestAsync: (url, options, timeout) => sendTokenRequest("GET", bypassProxyFor(url), options, timeout),
+  sendPostRequestAsync: (url, options) => sendTokenRequest("POST", bypassProxyFor(url), options),
+};
+
+/**
+ * Bun's fetch sends even link-local and loopback URLs through HTTP_PROXY,
+ * and reads NO_PROXY at every request (both measured on 1.4.5): a metadata
+ * endpoint no proxy can reach is added to NO_PROXY before it is asked.
+ */
+function bypassProxyFor(url: string): string {
+  const host = new URL(url).hostname;
+  const entries = [process.env.NO_PROXY, process.env.no_proxy].flatMap((list) => (list ?? "").split(",")).map((entry) => entry.trim()).filter(Boolean);
+  if (!entries.includes(host)) process.env.NO_PROXY = [...new Set(entries), host].join(",");
+  return url;
 }
 
 const QUIET_MSAL_LOGGER = { piiLoggingEnabled: false, logLevel: 0 /* Error */, loggerCallback: () => {} };
