@@ -513,7 +513,6 @@ export function readCredential(config: Pick<Config, "certificatePath" | "certifi
  * the same for all of them.
  */
 export interface Identity {
-  mode: AuthMode;
   /** A fresh token from the identity provider, never from a cache, with the credential read afresh. */
   requestToken(): Promise<HeldToken>;
   /** Names the credential in use, for log lines and --check: thumbprints, file names, issuer and subject; never a secret. */
@@ -545,7 +544,6 @@ export function createIdentity(config: Config): Identity {
 function certificateIdentity(config: Config, initial: Credential): Identity {
   let credential = initial;
   return {
-    mode: "certificate",
     get certificate() {
       return credential;
     },
@@ -606,7 +604,6 @@ export function certificateMismatchHint(credential: Credential): string {
 
 function clientSecretIdentity(config: Config): Identity {
   return {
-    mode: "client-secret",
     certificate: undefined,
     describe: () => ({ client_secret: config.clientSecretFile === undefined ? "AZURE_CLIENT_SECRET" : `AZURE_CLIENT_SECRET_FILE=${config.clientSecretFile}` }),
     hint: (_error, aadsts) =>
@@ -680,7 +677,6 @@ function workloadIdentity(config: Config, initial: FederatedTokenClaims): Identi
     return token;
   };
   return {
-    mode: "workload-identity",
     certificate: undefined,
     describe: () => ({
       federated_token_file: file,
@@ -716,7 +712,6 @@ function managedIdentity(config: Config): Identity {
   let application: import("@azure/msal-node").ManagedIdentityApplication | undefined;
   let source: string | undefined;
   return {
-    mode: "managed-identity",
     certificate: undefined,
     describe: () => ({
       managed_identity: config.clientId === undefined ? "system-assigned" : `user-assigned ${config.clientId}`,
