@@ -268,7 +268,12 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
       .filter((name) => !raw[name].value && !(name === "clientSecret" && raw.clientSecretFile.value))
       .map((name) => (name === "clientSecret" ? "AZURE_CLIENT_SECRET (or AZURE_CLIENT_SECRET_FILE)" : SETTINGS[name].env));
     const why = choice.reason === DEFAULT_MODE_REASON ? "" : ` (${choice.mode} mode: ${choice.reason})`;
-    if (missing.length > 0) errors.push(`Missing required Azure AD configuration: ${missing.join(", ")}${why}`);
+    // On AKS nobody sets these by hand: their absence means the webhook did not mutate the pod.
+    const webhook =
+      choice.mode === "workload-identity" && missing.some((name) => name !== "API_BASE_URL")
+        ? `; the workload identity webhook injects AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_FEDERATED_TOKEN_FILE into pods labelled azure.workload.identity/use: "true" whose ServiceAccount has the azure.workload.identity/client-id annotation`
+        : "";
+    if (missing.length > 0) errors.push(`Missing required Azure AD configuration: ${missing.join(", ")}${why}${webhook}`);
   }
   if (mode === "client-secret" && raw.clientSecret.value && raw.clientSecretFile.value) {
     errors.push("set AZURE_CLIENT_SECRET or AZURE_CLIENT_SECRET_FILE, not both");
