@@ -1,13 +1,14 @@
 /**
  * auth-proxy: a sidecar that holds an Entra ID (Azure AD) access token, got
- * with the client-credentials flow and a certificate, and forwards every
+ * with a certificate, workload identity, managed identity or client secret,
+ * and forwards every
  * request to API_BASE_URL with `Authorization: Bearer <token>`, streaming
  * both ways and changing nothing else; WebSocket upgrades are relayed with
  * the token in the upstream handshake. The external contract is
  * shared/CONTRACT.md; the README explains it to users.
  *
- * The file reads as the journey: configuration -> credential -> token
- * manager -> metrics -> caller keys -> forwarding -> WebSocket relay ->
+ * The file reads as the journey: configuration -> credential -> identity ->
+ * token manager -> metrics -> caller keys -> forwarding -> WebSocket relay ->
  * server and lifecycle -> main.
  */
 import arg from "arg";
@@ -262,15 +263,15 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
 
   const choice = chooseAuthMode(env, flags);
   if ("error" in choice) errors.push(choice.error);
-  const mode = "mode" in choice ? choice.mode : undefined;
-  if ("mode" in choice) {
-    const missing = REQUIRED_SETTINGS[choice.mode]
+  const { mode, reason } = "error" in choice ? { mode: undefined, reason: "" } : choice;
+  if (mode !== undefined) {
+    const missing = REQUIRED_SETTINGS[mode]
       .filter((name) => !raw[name].value && !(name === "clientSecret" && raw.clientSecretFile.value))
       .map((name) => (name === "clientSecret" ? "AZURE_CLIENT_SECRET (or AZURE_CLIENT_SECRET_FILE)" : SETTINGS[name].env));
-    const why = choice.reason === DEFAULT_MODE_REASON ? "" : ` (${choice.mode} mode: ${choice.reason})`;
+    const why = reason === DEFAULT_MODE_REASON ? "" : ` (${mode} mode: ${reason})`;
     // On AKS nobody sets these by hand: their absence means the webhook did not mutate the pod.
     const webhook =
-      choice.mode === "workload-identity" && missing.some((name) => name !== "API_BASE_URL")
+      mode === "workload-identity" && missing.some((name) => name !== "API_BASE_URL")
         ? `; the workload identity webhook injects AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_FEDERATED_TOKEN_FILE into pods labelled azure.workload.identity/use: "true" whose ServiceAccount has the azure.workload.identity/client-id annotation`
         : "";
     if (missing.length > 0) errors.push(`Missing required Azure AD configuration: ${missing.join(", ")}${why}${webhook}`);
@@ -333,7 +334,7 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
     errors,
     config: {
       authMode: mode!,
-      authModeReason: (choice as { reason: string }).reason,
+      authModeReason: reason,
       clientId: clientId.value,
       tenantId: tenantId.value ?? "",
       certificatePath: raw.certificatePath.value ?? "",
@@ -498,16 +499,19 @@ export function parseCredential(pem: string, password: string | undefined, file:
 
 /** Reads the file afresh each time: Kubernetes rotates a mounted Secret by swapping a symlink. */
 export function readCredential(config: Pick<Config, "certificatePath" | "certificatePathSource" | "certificatePassword">): Credential {
-  const file = `${config.certificatePathSource}=${config.certificatePath}`;
-  let pem: string;
+  const pem = readCredentialFile(config.certificatePathSource, config.certificatePath);
+  return parseCredential(pem, config.certificatePassword, `${config.certificatePathSource}=${config.certificatePath}`);
+}
+
+/** A credential file's text, or a CredentialError naming the variable, the file and why in words. */
+function readCredentialFile(variable: string, file: string): string {
   try {
-    pem = readFileSync(config.certificatePath, "utf8");
+    return readFileSync(file, "utf8");
   } catch (error) {
     const code = (error as NodeJS.ErrnoException).code;
     const reason = code === "ENOENT" ? "no such file" : code === "EACCES" ? "permission denied" : code === "EISDIR" ? "is a directory" : errorMessage(error);
-    throw new CredentialError(`${file} cannot be read (${reason})`);
+    throw new CredentialError(`${variable}=${file} cannot be read (${reason})`);
   }
-  return parseCredential(pem, config.certificatePassword, file);
 }
 
 // ---------------------------------------------------------------- identity
@@ -625,16 +629,6 @@ export function readClientSecret(config: Pick<Config, "clientSecret" | "clientSe
   const secret = readCredentialFile("AZURE_CLIENT_SECRET_FILE", config.clientSecretFile).trim();
   if (!secret) throw new CredentialError(`AZURE_CLIENT_SECRET_FILE=${config.clientSecretFile} is empty`);
   return secret;
-}
-
-function readCredentialFile(variable: string, file: string): string {
-  try {
-    return readFileSync(file, "utf8");
-  } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    const reason = code === "ENOENT" ? "no such file" : code === "EACCES" ? "permission denied" : code === "EISDIR" ? "is a directory" : errorMessage(error);
-    throw new CredentialError(`${variable}=${file} cannot be read (${reason})`);
-  }
 }
 
 /** What a federated token says about itself: enough to match it against the app's federated credentials by eye. */
@@ -1001,7 +995,8 @@ export class TokenManager {
 
   start(): void {
     void this.refresh("startup");
-    const warnIfExpiring = () => this.identity.certificate && warnIfCertificateExpiring(this.identity.certificate, Date.now());
+    if (this.identity.certificate === undefined) return;
+    const warnIfExpiring = () => warnIfCertificateExpiring(this.identity.certificate!, Date.now());
     warnIfExpiring();
     this.expiryWarningTimer = setInterval(warnIfExpiring, CERTIFICATE_EXPIRY_CHECK_MS);
     this.expiryWarningTimer.unref();
@@ -1288,11 +1283,10 @@ interface MetricsSources {
   metrics: Metrics;
   tokens: TokenManager;
   websocketSessionsOpen: number;
-  certificateNotAfterMs: number | undefined;
 }
 
 /** The whole exposition, families in a fixed order, each with HELP and TYPE. */
-export function renderMetrics({ metrics, tokens, websocketSessionsOpen, certificateNotAfterMs }: MetricsSources): string {
+export function renderMetrics({ metrics, tokens, websocketSessionsOpen }: MetricsSources): string {
   const lines: string[] = [];
   family(lines, "auth_proxy_build_info", "gauge", "auth-proxy's version and the Bun it runs on; always 1.");
   lines.push(`auth_proxy_build_info{version="${escapeLabel(VERSION)}",bun_version="${escapeLabel(Bun.version)}"} 1`);
@@ -1330,9 +1324,9 @@ export function renderMetrics({ metrics, tokens, websocketSessionsOpen, certific
   if (tokens.current !== undefined) lines.push(`auth_proxy_token_expiration_timestamp_seconds ${tokens.current.expiresOnMs / SECOND}`);
   family(lines, "auth_proxy_token_last_success_timestamp_seconds", "gauge", "When the last token was acquired.");
   if (tokens.lastSuccessAtMs !== undefined) lines.push(`auth_proxy_token_last_success_timestamp_seconds ${tokens.lastSuccessAtMs / SECOND}`);
-  if (certificateNotAfterMs !== undefined) {
+  if (tokens.certificate !== undefined) {
     family(lines, "auth_proxy_certificate_expiration_timestamp_seconds", "gauge", "When the client certificate in use expires (notAfter).");
-    lines.push(`auth_proxy_certificate_expiration_timestamp_seconds ${certificateNotAfterMs / SECOND}`);
+    lines.push(`auth_proxy_certificate_expiration_timestamp_seconds ${tokens.certificate.notAfter.getTime() / SECOND}`);
   }
   family(lines, "auth_proxy_upstream_ratelimit_remaining", "gauge", "The upstream's x-ratelimit-remaining-requests and -tokens, as last seen.");
   if (metrics.rateLimitRemainingRequests !== undefined) lines.push(`auth_proxy_upstream_ratelimit_remaining{kind="requests"} ${metrics.rateLimitRemainingRequests}`);
@@ -1689,8 +1683,8 @@ function exchangeEnded(exchange: Exchange, how: "done" | "rearm" | "aborted" | "
   if (!accessLogEnabled) return;
   const startedAt = exchange.startedAt;
   writeLine(
-    `{"time":"${isoNow()}","level":"info","msg":"request","method":"${exchange.req.method}","path":${jsonString(pathOf(exchange.target))},` +
-      `"status":${status},"duration_ms":${millis(endedAt - startedAt)},"upstream_ms":${millis(exchange.headersAt - startedAt)}` +
+    accessLineHead(exchange.req.method, exchange.target, status, endedAt - startedAt) +
+      `,"upstream_ms":${millis(exchange.headersAt - startedAt)}` +
       (exchange.firstByteAt === 0 ? "" : `,"ttfb_ms":${millis(exchange.firstByteAt - startedAt)}`) +
       `,"bytes_in":${exchange.bytesIn},"bytes_out":${exchange.bytesOut}` +
       // Deployment labels hold only [A-Za-z0-9._-]: nothing to escape.
@@ -1729,8 +1723,12 @@ let accessLogEnabled = true;
  */
 function answered(metrics: Metrics, method: string, target: string, status: number, startedAt: number): void {
   countStatus(requestSeries(metrics, method, deploymentLabel(metrics, target)), status);
-  if (!accessLogEnabled) return;
-  writeLine(`{"time":"${isoNow()}","level":"info","msg":"request","method":"${method}","path":${jsonString(pathOf(target))},"status":${status},"duration_ms":${millis(performance.now() - startedAt)}}\n`);
+  if (accessLogEnabled) writeLine(`${accessLineHead(method, target, status, performance.now() - startedAt)}}\n`);
+}
+
+/** The fields every access line starts with, its closing brace left to the caller. */
+function accessLineHead(method: string, target: string, status: number, durationMs: number): string {
+  return `{"time":"${isoNow()}","level":"info","msg":"request","method":"${method}","path":${jsonString(pathOf(target))},"status":${status},"duration_ms":${millis(durationMs)}`;
 }
 
 // ---------------------------------------------------------------- WebSocket relay
@@ -2021,13 +2019,7 @@ function clientClosed(client: ServerWebSocket<RelaySession>, code: number, reaso
     session.closedBy = "client";
     session.closeCode = code;
     session.closeReason = reason;
-    const upstream = session.upstream;
-    if (upstream.readyState === WebSocket.OPEN || upstream.readyState === WebSocket.CONNECTING) {
-      // An abrupt drop (1006) becomes 1011 for the other side: something went wrong, not a normal end.
-      if (isSendableCloseCode(code)) upstream.close(code, reason);
-      else if (code === 1005) upstream.close();
-      else upstream.close(1011, "client connection lost");
-    }
+    if (upstreamOpen(session.upstream)) passClose(session.upstream, code, reason, "client connection lost");
   }
   endSession(session, relay);
 }
@@ -2044,10 +2036,18 @@ function upstreamClosed(session: RelaySession, code: number, reason: string, rel
 }
 
 function closeClient(client: ServerWebSocket<RelaySession>, code: number, reason: string): void {
-  if (client.readyState !== 1) return;
-  if (isSendableCloseCode(code)) client.close(code, reason);
-  else if (code === 1005) client.close();
-  else client.close(1011, "upstream connection lost");
+  if (client.readyState === 1) passClose(client, code, reason, "upstream connection lost");
+}
+
+/** A close passed to the other side as received; an abrupt drop (1006) becomes 1011: something went wrong, not a normal end. */
+function passClose(socket: { close(code?: number, reason?: string): void }, code: number, reason: string, lost: string): void {
+  if (isSendableCloseCode(code)) socket.close(code, reason);
+  else if (code === 1005) socket.close();
+  else socket.close(1011, lost);
+}
+
+function upstreamOpen(upstream: WebSocket): boolean {
+  return upstream.readyState === WebSocket.OPEN || upstream.readyState === WebSocket.CONNECTING;
 }
 
 /** The proxy ends a session itself: shutdown (1001) or a client that stopped reading (1011). */
@@ -2058,7 +2058,7 @@ function closeBoth(session: RelaySession, code: number, reason: string): void {
     session.closeReason = reason;
   }
   if (session.client !== undefined) closeClient(session.client, code, reason);
-  if (session.upstream.readyState === WebSocket.OPEN || session.upstream.readyState === WebSocket.CONNECTING) session.upstream.close(code, reason);
+  if (upstreamOpen(session.upstream)) session.upstream.close(code, reason);
 }
 
 /** One line per session, written when it ends, and the drain told when the last one has. */
@@ -2135,7 +2135,7 @@ export function startProxy(config: Config, identity: Identity): RunningProxy {
   }
 
   function metricsPage(method: string): Response {
-    const text = renderMetrics({ metrics, tokens, websocketSessionsOpen: relay.sessions.size, certificateNotAfterMs: tokens.certificate?.notAfter.getTime() });
+    const text = renderMetrics({ metrics, tokens, websocketSessionsOpen: relay.sessions.size });
     return new Response(method === "HEAD" ? null : text, { headers: METRICS_HEADERS });
   }
 
@@ -2439,6 +2439,8 @@ export async function main(argv: string[]): Promise<void> {
   logThreshold = LOG_LEVEL_RANK[config.logLevel];
   accessLogEnabled = logThreshold <= LOG_LEVEL_RANK.info;
 
+  // Before the credential is read: the process that replaces this one reads it again.
+  if (!flags["--check"]) reexecWithFetchConcurrencyLimit();
   let identity: Identity;
   try {
     identity = createIdentity(config);
@@ -2447,7 +2449,6 @@ export async function main(argv: string[]): Promise<void> {
   }
   if (flags["--check"]) return check(config, identity);
 
-  reexecWithFetchConcurrencyLimit();
   let proxy: RunningProxy;
   try {
     proxy = startProxy(config, identity);

@@ -10,19 +10,13 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { CertificateFactory } from "../test/certificates.ts";
 import { FakeEntraId, FakeManagedIdentityEndpoint, FakeOidcIssuer } from "../test/fakes.ts";
-import { freePort, memoryKiB, ROOT } from "../test/harness.ts";
+import { freePort, median, memoryKiB, ROOT, waitForStatus } from "../test/harness.ts";
 
 const BUN = process.execPath;
 const CERTIFICATE_APP = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 const SECRET_APP = "3f2e1d0c-9b8a-4f7e-8d6c-5b4a3f2e1d0c";
 const WORKLOAD_APP = "7a6b5c4d-3e2f-4a1b-9c8d-7e6f5a4b3c2d";
 export const BASELINE_REF = process.env.BENCH_BASELINE_REF ?? "a0d94d6";
-
-const median = (values: number[]) => {
-  const sorted = [...values].sort((a, b) => a - b);
-  const middle = Math.floor(sorted.length / 2);
-  return sorted.length % 2 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
-};
 
 /** The proxy as it was at `ref`, compiled like today's; undefined when this checkout lacks the commit. */
 function buildBaseline(ref: string): string | undefined {
@@ -46,13 +40,7 @@ async function idleRssKiB(binary: string, env: Record<string, string>, serverCpu
     stderr: "inherit",
   });
   try {
-    const deadline = Date.now() + 15_000;
-    for (;;) {
-      const response = await fetch(`http://127.0.0.1:${port}/health`).catch(() => undefined);
-      if (response?.status === 200) break;
-      if (Date.now() > deadline) throw new Error(`${binary} never held a token (${JSON.stringify(env.AZURE_AUTH_MODE ?? "certificate")})`);
-      await Bun.sleep(20);
-    }
+    await waitForStatus(`http://127.0.0.1:${port}/health`);
     await Bun.sleep(500);
     return memoryKiB(child.pid, "VmRSS");
   } finally {

@@ -18,7 +18,7 @@ import type { Subprocess } from "bun";
 import { CertificateFactory } from "../test/certificates.ts";
 import { FakeEntraId } from "../test/fakes.ts";
 import { BASELINE_REF, identityIdleMemory } from "./identities.ts";
-import { freePort, memoryKiB, ROOT, waitForStatus as waitFor } from "../test/harness.ts";
+import { freePort, median, memoryKiB, ROOT, waitForStatus as waitFor } from "../test/harness.ts";
 
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 4);
@@ -30,11 +30,6 @@ const BARE_BINARY = join(ROOT, "dist/bench-bare-serve");
 const CHAT_PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
 const CLIENT_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 
-const median = (values: number[]) => {
-  const sorted = [...values].sort((a, b) => a - b);
-  const middle = Math.floor(sorted.length / 2);
-  return sorted.length % 2 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
-};
 const round2 = (value: number) => Math.round(value * 100) / 100;
 const children: Subprocess[] = [];
 

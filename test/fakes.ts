@@ -119,7 +119,7 @@ export class FakeEntraId {
     this.issuerKeys.set(issuer.url, issuer.publicKey);
   }
 
-  /** Issues an access token for `clientId` outside the token endpoint: what the managed identity endpoints hand out. */
+  /** Issues an access token for `clientId`: the token endpoint's, and what the managed identity endpoints hand out. */
   mint(clientId: string, lifetimeSeconds: number): string {
     const token = `fake-at-${b64url(randomBytes(24))}`;
     this.issued.set(token, { expiresAtMs: Date.now() + lifetimeSeconds * 1000, clientId });
@@ -195,9 +195,8 @@ export class FakeEntraId {
 
     if (app.answer) return app.answer();
 
-    const token = `fake-at-${b64url(randomBytes(24))}`;
     const lifetime = app.tokenLifetimeSeconds ?? this.tokenLifetimeSeconds;
-    this.issued.set(token, { expiresAtMs: Date.now() + lifetime * 1000, clientId });
+    const token = this.mint(clientId, lifetime);
     return Response.json({
       token_type: "Bearer",
       expires_in: lifetime,

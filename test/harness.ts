@@ -170,6 +170,13 @@ export async function waitForStatus(url: string, status = 200): Promise<void> {
   throw new Error(`${url} did not answer ${status}`);
 }
 
+/** The median: the figure the benchmarks quote, as the machines are shared and noisy. */
+export function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
+}
+
 /** A process's resident (VmRSS) or peak resident (VmHWM) memory, in KiB. */
 export function memoryKiB(pid: number, field: "VmRSS" | "VmHWM"): number {
   return Number(new RegExp(`${field}:\\s+(\\d+)`).exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]);
