@@ -232,6 +232,10 @@ const held = JSON.parse(execFileSync("taskset", ["-c", CLIENT_CPU, BUN, join(ROO
 const peakWithStreams = memoryKiB(memoryProxy.pid, "VmHWM");
 await Bun.sleep(5000);
 const rssAfterStreams = memoryKiB(memoryProxy.pid, "VmRSS");
+// 300 MB to a client reading at 40 MB/s: the proxy relays it chunk by chunk to see where it ends.
+const SLOW_MB = 300;
+const slowReader = (port: number, pid: number) => JSON.parse(execFileSync("taskset", ["-c", CLIENT_CPU, BUN, join(ROOT, "bench/slow-reader.ts"), String(port), String(pid), String(SLOW_MB)]).toString()) as { peakKiB: number; firstQuarterPeakKiB: number; secondHalfPeakKiB: number; bytes: number };
+const slow = slowReader(memoryPort, memoryProxy.pid!);
 memoryProxy.kill();
 
 // The memory floor in the same run: the bare passthrough, compiled like auth-proxy, without MSAL.
@@ -244,6 +248,8 @@ await Bun.sleep(500);
 const floorIdleRss = memoryKiB(floorProxy.pid, "VmRSS");
 wrk(`http://127.0.0.1:${floorPort}${CHAT_PATH}`, 64, join(ROOT, "bench/post.lua"));
 const floorPeakAfterLoad = memoryKiB(floorProxy.pid, "VmHWM");
+// Bun's native pipe, which sees no body's end: the floor for the slow reader.
+const floorSlow = slowReader(floorPort, floorProxy.pid!);
 
 // ---------------------------------------------------------------- startup
 
@@ -309,6 +315,11 @@ const checks = [
       ? `baseline ${BASELINE_REF} not in this checkout: ${Object.entries(identityIdle).map(([name, kib]) => `${name} ${mb(kib)} MB`).join(", ")}`
       : `${worstModeIdle - baselineIdle >= 0 ? "+" : "−"}${mb(Math.abs(worstModeIdle - baselineIdle))} MB at most: ${Object.entries(identityIdle).map(([name, kib]) => `${name} ${mb(kib)}`).join(", ")} MB`,
     baselineIdle !== undefined && worstModeIdle - baselineIdle < 2 * 1024,
+  ],
+  [
+    `RSS flat while ${SLOW_MB} MB go to a client reading at 40 MB/s: second half ≤ first quarter + 2 MB`,
+    `+${mb(slow.firstQuarterPeakKiB)} MB in the first quarter, +${mb(slow.secondHalfPeakKiB)} MB in the second half, peak +${mb(slow.peakKiB)} MB (compiled Bun floor, native pipe: peak +${mb(floorSlow.peakKiB)} MB)`,
+    slow.secondHalfPeakKiB <= slow.firstQuarterPeakKiB + 2 * 1024 && slow.bytes > SLOW_MB << 20,
   ],
   [`Exec to /live ≤ 1.5 × bare compiled Bun.serve`, `${startupRatio.toFixed(2)} × (${startupMedians["auth-proxy binary"]!.toFixed(1)} vs ${startupMedians["bare compiled Bun.serve"]!.toFixed(1)} ms)`, startupRatio <= 1.5],
 ] as const;

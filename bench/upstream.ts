@@ -1,7 +1,8 @@
 /**
  * The benchmark's and the soak's upstream: a fast fake Azure OpenAI.
  * POST answers a ~1 KB chat completion; /sse streams 50 events 5 ms apart;
- * /slow-sse 20 events 500 ms apart; /1mb a 1 MB body; /hold?events=N&interval=MS
+ * /slow-sse 20 events 500 ms apart; /1mb a 1 MB body; /big?mb=N N MiB sent as
+ * fast as the reader takes them; /hold?events=N&interval=MS
  * N events then `data: [DONE]`; /silent?ms= answers after a silence;
  * /silent-stream?ms= one event, a silence, one more; /stats counts streams
  * started, completed and abandoned by the client (`?reset` zeroes them) and
@@ -92,6 +93,18 @@ const server = Bun.serve({
         return eventStream(req, query(url, "events", 10), query(url, "interval", 1000), true);
       case "/1mb":
         return new Response(oneMegabyte);
+      case "/big": {
+        const total = query(url, "mb", 1) << 20;
+        let sent = 0;
+        const body = new ReadableStream<Uint8Array>({
+          pull(controller) {
+            if (sent >= total) return controller.close();
+            controller.enqueue(oneMegabyte.subarray(0, 64 * 1024));
+            sent += 64 * 1024;
+          },
+        }, { highWaterMark: 0 });
+        return new Response(body, { headers: { "content-type": "application/octet-stream", "content-length": String(total) } });
+      }
       case "/silent":
         await Bun.sleep(query(url, "ms", 1000));
         return Response.json({ late: true });

@@ -613,12 +613,11 @@ export class FakeAzureOpenAI {
         return;
       }
       case "/test/big": {
-        // `mb` MiB with a Content-Length, written as fast as the proxy takes them (waiting for drain).
+        // `mb` MiB of bigBodyChunk(0), (1), ... with a Content-Length, written as fast as the proxy takes them (waiting for drain).
         const total = Number(query.get("mb") ?? 1) * 1024 * 1024;
-        const chunk = Buffer.alloc(64 * 1024, 97);
         res.writeHead(200, { "content-type": "application/octet-stream", "content-length": total });
-        for (let sent = 0; sent < total && record.closedAtMs === undefined; sent += chunk.length) {
-          if (!res.write(chunk)) await new Promise((resolve) => res.once("drain", resolve));
+        for (let index = 0; index * BIG_BODY_CHUNK < total && record.closedAtMs === undefined; index += 1) {
+          if (!res.write(bigBodyChunk(index))) await new Promise((resolve) => res.once("drain", resolve));
         }
         res.end();
         return;
@@ -801,6 +800,12 @@ export class FakeRealtime {
     this.floods.set(ws, pump);
     pump();
   }
+}
+
+/** The size of /test/big's writes: its body is patternBytes(total), BIG_BODY_CHUNK bytes at a time. */
+const BIG_BODY_CHUNK = 64 * 1024;
+function bigBodyChunk(index: number): Buffer {
+  return patternBytes(BIG_BODY_CHUNK, index * BIG_BODY_CHUNK);
 }
 
 /** Bytes whose value depends on their offset, so a reordered or truncated frame is caught. */

@@ -86,3 +86,38 @@ export function idleCloseAfterResponse(port: number, request: string, waitMs: nu
     });
   });
 }
+
+/**
+ * Takes a raw HTTP/1.1 response as it arrives off a socket and hands on its
+ * body with the head and, for a chunked body, the chunk framing removed.
+ */
+export function chunkedBodyReader(onBody: (bytes: Buffer) => void): (data: Buffer) => void {
+  let state: "head" | "size" | "data" | "crlf" | "end" | "whole" = "head";
+  let pending: Buffer = Buffer.alloc(0);
+  let left = 0;
+  return (data) => {
+    pending = pending.length === 0 ? data : Buffer.concat([pending, data]);
+    while (pending.length > 0) {
+      if (state === "whole") return onBody(pending), void (pending = Buffer.alloc(0));
+      if (state === "data") {
+        const take = Math.min(left, pending.length);
+        onBody(pending.subarray(0, take));
+        pending = pending.subarray(take);
+        left -= take;
+        if (left === 0) state = "crlf";
+        continue;
+      }
+      if (state === "end") return;
+      const lineEnd = pending.indexOf(state === "head" ? "\r\n\r\n" : "\r\n");
+      if (lineEnd === -1) return;
+      const line = pending.subarray(0, lineEnd).toString("latin1");
+      pending = pending.subarray(lineEnd + (state === "head" ? 4 : 2));
+      if (state === "head") state = /^transfer-encoding:\s*chunked/im.test(line) ? "size" : "whole";
+      else if (state === "crlf") state = "size";
+      else {
+        left = parseInt(line, 16);
+        state = left === 0 ? "end" : "data";
+      }
+    }
+  };
+}
