@@ -178,6 +178,6 @@ export function median(values: number[]): number {
 }
 
 /** A process's resident (VmRSS) or peak resident (VmHWM) memory, in KiB. */
-export function memoryKiB(pid: number, field: "VmRSS" | "VmHWM"): number {
+export function memoryKiB(pid: number, field: "VmRSS" | "VmHWM" | "RssAnon" | "RssFile"): number {
   return Number(new RegExp(`${field}:\\s+(\\d+)`).exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]);
 }
