@@ -24,6 +24,7 @@ import {
   MAX_TOKEN_LIFETIME_MS,
   millis,
   MIN_TOKEN_REQUEST_INTERVAL_MS,
+  nextCollectionMark,
   WEBSOCKET_PING_SECONDS,
   loadConfig,
   parseCredential,
@@ -2197,6 +2198,27 @@ describe("Pure pieces", () => {
     const headers = new Headers({ connection: "close, X-A", "x-a": "1", "x-b": "2", te: "trailers", "transfer-encoding": "chunked", upgrade: "websocket" });
     removeHopByHopHeaders(headers);
     expect([...headers.keys()]).toEqual(["x-b"]);
+  });
+
+  test("a burst is collected at every 1,000 more requests in flight, and the mark follows the count back down", () => {
+    let mark = 1000;
+    const step = (inFlight: number) => {
+      const collected = inFlight >= mark;
+      mark = nextCollectionMark(inFlight, mark);
+      return collected;
+    };
+    expect([1, 500, 999].map(step)).toEqual([false, false, false]);
+    expect(step(1000)).toBe(true);
+    expect(mark).toBe(2000);
+    expect([1500, 1999, 1200, 1001].map(step)).toEqual([false, false, false, false]);
+    expect(step(2000)).toBe(true);
+    // A count swinging by less than 2,000 under the mark never re-arms it, so steady load is never collected.
+    expect([1500, 2500, 1100, 2999].map(step)).toEqual([false, false, false, false]);
+    expect(mark).toBe(3000);
+    // Back down to a trickle: the next burst is collected from 1,000 above it.
+    expect(step(3)).toBe(false);
+    expect(mark).toBe(1003);
+    expect(step(1003)).toBe(true);
   });
 
   test("loadConfig drops API_BASE_URL's trailing slash and keeps its path prefix", () => {
