@@ -39,7 +39,7 @@ import {
 import { CertificateFactory, type ClientCertificate } from "./test/certificates.ts";
 import { type AppRegistration, FakeAzureOpenAI, FakeEntraId, FakeManagedIdentityEndpoint, FakeOidcIssuer, FakeRealtime, patternBytes } from "./test/fakes.ts";
 import { allOutput, freePort, type LogLine, memoryKiB, ROOT, spawnProxy, startProxy, stopAllProxies, type ProxyProcess } from "./test/harness.ts";
-import { chunkedBodyReader, idleCloseAfterResponse, openStream, rawRequest, startConnectProxy } from "./test/http.ts";
+import { chunkedBodyReader, idleCloseAfterResponse, openStream, rawRequest, readSlowly, startConnectProxy } from "./test/http.ts";
 import { promtool, scrape, valueOf } from "./test/prometheus.ts";
 import { rawUpgrade, TestSocket } from "./test/websocket.ts";
 
@@ -561,53 +561,30 @@ describe("Forwarding", () => {
   });
 
   test("a 300 MB response read slowly arrives byte-exact while the proxy's memory stays flat", async () => {
-    const kib = (field: "VmRSS" | "VmHWM") => memoryKiB(proxy.proc.pid, field);
-    const before = kib("VmRSS");
-    const samples: number[] = [];
     const MB = 300;
-    const total = MB * 1024 * 1024;
     // The body is patternBytes(total), checked piece by piece against the same window of this reference:
     // the proxy frees each large chunk once Bun has written it, so a Bun that kept one would show here.
     const reference = patternBytes(4 * 1024 * 1024 + 251);
     let offset = 0;
     let mismatchAt = -1;
-    const checkBody = (bytes: Buffer) => {
+    const body = chunkedBodyReader((bytes) => {
       for (let start = 0; start < bytes.length; start += 4 * 1024 * 1024) {
         const piece = bytes.subarray(start, start + 4 * 1024 * 1024);
         const window = reference.subarray(offset % 251, (offset % 251) + piece.length);
         if (mismatchAt === -1 && !piece.equals(window)) mismatchAt = offset;
         offset += piece.length;
       }
-    };
-    await new Promise<void>((resolve, reject) => {
-      const receive = chunkedBodyReader(checkBody);
-      let sinceLastPause = 0;
-      const socket = net.connect(proxy.port, "127.0.0.1", () => socket.write(`GET /test/big?mb=${MB} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n`));
-      socket.on("data", (chunk: Buffer) => {
-        receive(chunk);
-        sinceLastPause += chunk.length;
-        // About 40 MB/s: a client far slower than the upstream.
-        if (sinceLastPause >= 1024 * 1024) {
-          sinceLastPause = 0;
-          socket.pause();
-          samples.push(kib("VmRSS") - before);
-          setTimeout(() => socket.resume(), 25);
-        }
-      });
-      socket.on("error", reject);
-      socket.on("close", () => resolve());
     });
-    expect(offset).toBe(total);
+    const read = await readSlowly(proxy.port, `GET /test/big?mb=${MB} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n`, proxy.proc.pid, body.push);
+    expect(offset).toBe(MB * 1024 * 1024);
+    expect(body.ended).toBe(true);
     expect(mismatchAt).toBe(-1);
+    const mb = (kib: number) => (kib / 1024).toFixed(1);
+    console.log(`300 MB read slowly: proxy RSS ${mb(read.beforeKiB)} MB before, +${mb(read.firstQuarterPeakKiB)} MB at most in the first quarter, +${mb(read.secondHalfPeakKiB)} MB in the second half`);
     // Flat: the second half of the transfer holds no more than the first quarter did (Bun's pipe grows it a few MB at first).
-    const quarter = Math.floor(samples.length / 4);
-    const earlyPeak = Math.max(...samples.slice(0, quarter));
-    const latePeak = Math.max(...samples.slice(2 * quarter));
-    const mb = (value: number) => (value / 1024).toFixed(1);
-    console.log(`300 MB read slowly: proxy RSS ${mb(before)} MB before, +${mb(earlyPeak)} MB at most in the first quarter, +${mb(latePeak)} MB in the second half`);
-    expect(latePeak - earlyPeak).toBeLessThan(4 * 1024);
+    expect(read.secondHalfPeakKiB - read.firstQuarterPeakKiB).toBeLessThan(4 * 1024);
     // Bun's native pipe (which cannot see where a body ends) holds about +9 MB; chunks left to the collector held +14-16 and rising.
-    expect(Math.max(...samples)).toBeLessThan(10 * 1024);
+    expect(read.peakKiB).toBeLessThan(10 * 1024);
   }, 60_000);
 
   test("a chunked upload of unknown length arrives byte-exact", async () => {

@@ -1661,7 +1661,10 @@ function relayBody(body: ReadableStream<Uint8Array>, exchange: Exchange): Readab
   return new ReadableStream<Uint8Array>(
     {
       async pull(controller) {
-        if (written !== undefined) written = releaseChunk(written);
+        if (written !== undefined) {
+          releaseChunk(written);
+          written = undefined;
+        }
         let chunk: Awaited<ReturnType<typeof reader.read>>;
         try {
           chunk = await reader.read();
@@ -1705,10 +1708,9 @@ function relayBody(body: ReadableStream<Uint8Array>, exchange: Exchange): Readab
  * here it holds +13-14 MB from start to end (bench/RESULTS.md). Detaching
  * (`transfer(0)`) is the only way JavaScript can free an ArrayBuffer.
  */
-function releaseChunk(chunk: Uint8Array): undefined {
+function releaseChunk(chunk: Uint8Array): void {
   // Only a chunk that is its whole buffer: a view would take its neighbours with it.
   if (chunk.byteOffset === 0 && chunk.byteLength === chunk.buffer.byteLength) (chunk.buffer as ArrayBuffer).transfer(0);
-  return undefined;
 }
 
 /**

@@ -16,6 +16,7 @@ import type { Subprocess } from "bun";
 import { CertificateFactory } from "../test/certificates.ts";
 import { FakeEntraId } from "../test/fakes.ts";
 import { freePort, memoryKiB, ROOT, waitForStatus as waitFor } from "../test/harness.ts";
+import { chunkedBodyReader } from "../test/http.ts";
 
 const LOAD_MINUTES = Number(process.env.SOAK_LOAD_MINUTES ?? 10);
 const PROXY_BINARY = process.env.SOAK_PROXY_BIN ?? join(ROOT, "dist/auth-proxy");
@@ -84,21 +85,6 @@ async function startProxy(): Promise<{ port: number; pid: number; child: Subproc
 
 // ---------------------------------------------------------------- raw HTTP clients
 
-/** Decodes a chunked body; undefined when it is cut short (no final zero-length chunk). */
-function dechunk(body: Buffer): string | undefined {
-  let offset = 0;
-  let text = "";
-  for (;;) {
-    const lineEnd = body.indexOf("\r\n", offset);
-    if (lineEnd === -1) return undefined;
-    const size = Number.parseInt(body.subarray(offset, lineEnd).toString("latin1"), 16);
-    if (Number.isNaN(size)) return undefined;
-    if (size === 0) return text;
-    text += body.subarray(lineEnd + 2, lineEnd + 2 + size).toString("utf8");
-    offset = lineEnd + 2 + size + 2;
-  }
-}
-
 interface StreamResult {
   ok: boolean;
   events: number;
@@ -114,10 +100,11 @@ function sseStream(port: number, target: string, expectedEvents: number, dropAft
   return new Promise((resolve) => {
     const startedAt = performance.now();
     let firstEventMs = 0;
-    const chunks: Buffer[] = [];
+    const parts: Buffer[] = [];
+    const response = chunkedBodyReader((bytes) => parts.push(bytes));
     const socket = net.connect(port, "127.0.0.1", () => socket.write(`GET ${target} HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n`));
     socket.on("data", (chunk: Buffer) => {
-      chunks.push(chunk);
+      response.push(chunk);
       if (firstEventMs === 0 && chunk.includes("data: ")) {
         firstEventMs = performance.now() - startedAt;
         if (dropAfterFirstEvent) socket.destroy();
@@ -125,10 +112,9 @@ function sseStream(port: number, target: string, expectedEvents: number, dropAft
     });
     socket.on("error", () => {});
     socket.on("close", () => {
-      const raw = Buffer.concat(chunks);
-      const headerEnd = raw.indexOf("\r\n\r\n");
-      const status = raw.subarray(0, 12).toString("latin1");
-      const body = headerEnd === -1 ? undefined : dechunk(raw.subarray(headerEnd + 4));
+      // A body cut short (no final zero-length chunk) counts as none.
+      const body = response.ended ? Buffer.concat(parts).toString("utf8") : undefined;
+      const status = response.head.slice(0, 12);
       const events = body === undefined ? 0 : (body.match(/data: \{"index":/g) ?? []).length;
       const inOrder = body !== undefined && Array.from({ length: events }, (_, index) => body.indexOf(`{"index":${index},`)).every((at, index, all) => at !== -1 && (index === 0 || at > all[index - 1]!));
       resolve({ ok: status === "HTTP/1.1 200" && events === expectedEvents && inOrder && body!.endsWith("data: [DONE]\n\n"), events, firstEventMs });

@@ -4,6 +4,7 @@
  * client-side connection cap.
  */
 import net from "node:net";
+import { memoryKiB } from "./harness.ts";
 
 export interface RawResponse {
   status: number;
@@ -88,36 +89,93 @@ export function idleCloseAfterResponse(port: number, request: string, waitMs: nu
 }
 
 /**
- * Takes a raw HTTP/1.1 response as it arrives off a socket and hands on its
- * body with the head and, for a chunked body, the chunk framing removed.
+ * Takes a raw HTTP/1.1 response as it arrives off a socket (`push` each
+ * piece) and hands on its body with the head and, for a chunked body, the
+ * chunk framing removed; `ended` once the final zero-length chunk is in.
  */
-export function chunkedBodyReader(onBody: (bytes: Buffer) => void): (data: Buffer) => void {
+export function chunkedBodyReader(onBody: (bytes: Buffer) => void): { push(data: Buffer): void; readonly head: string; readonly ended: boolean } {
   let state: "head" | "size" | "data" | "crlf" | "end" | "whole" = "head";
+  let head = "";
   let pending: Buffer = Buffer.alloc(0);
   let left = 0;
-  return (data) => {
+  const push = (data: Buffer) => {
     pending = pending.length === 0 ? data : Buffer.concat([pending, data]);
-    while (pending.length > 0) {
-      if (state === "whole") return onBody(pending), void (pending = Buffer.alloc(0));
-      if (state === "data") {
-        const take = Math.min(left, pending.length);
+    while (pending.length > 0 && state !== "end") {
+      if (state === "whole" || state === "data") {
+        const take = state === "whole" ? pending.length : Math.min(left, pending.length);
         onBody(pending.subarray(0, take));
         pending = pending.subarray(take);
-        left -= take;
-        if (left === 0) state = "crlf";
+        if (state === "data" && (left -= take) === 0) state = "crlf";
         continue;
       }
-      if (state === "end") return;
       const lineEnd = pending.indexOf(state === "head" ? "\r\n\r\n" : "\r\n");
       if (lineEnd === -1) return;
       const line = pending.subarray(0, lineEnd).toString("latin1");
       pending = pending.subarray(lineEnd + (state === "head" ? 4 : 2));
-      if (state === "head") state = /^transfer-encoding:\s*chunked/im.test(line) ? "size" : "whole";
-      else if (state === "crlf") state = "size";
+      if (state === "head") {
+        head = line;
+        state = /^transfer-encoding:\s*chunked/im.test(line) ? "size" : "whole";
+      } else if (state === "crlf") state = "size";
       else {
         left = parseInt(line, 16);
         state = left === 0 ? "end" : "data";
       }
     }
   };
+  return {
+    push,
+    get head() {
+      return head;
+    },
+    get ended() {
+      return state === "end";
+    },
+  };
+}
+
+/** What readSlowly saw: the RSS before, and its rise over that at every MiB read. */
+export interface SlowRead {
+  bytes: number;
+  beforeKiB: number;
+  peakKiB: number;
+  firstQuarterPeakKiB: number;
+  secondHalfPeakKiB: number;
+}
+
+/**
+ * Sends `request` on a fresh connection and reads the answer at about
+ * 40 MB/s (1 MiB, then a 25 ms pause), far slower than an upstream on
+ * loopback sends it, sampling process `pid`'s RSS at every MiB: flat means
+ * the second half of the transfer holds no more than the first quarter.
+ */
+export function readSlowly(port: number, request: string, pid: number, onData: (data: Buffer) => void = () => {}): Promise<SlowRead> {
+  const beforeKiB = memoryKiB(pid, "VmRSS");
+  const rises: number[] = [];
+  return new Promise((resolve, reject) => {
+    let bytes = 0;
+    let sinceLastPause = 0;
+    const socket = net.connect(port, "127.0.0.1", () => socket.write(request));
+    socket.on("data", (data: Buffer) => {
+      onData(data);
+      bytes += data.length;
+      sinceLastPause += data.length;
+      if (sinceLastPause >= 1024 * 1024) {
+        sinceLastPause = 0;
+        socket.pause();
+        rises.push(memoryKiB(pid, "VmRSS") - beforeKiB);
+        setTimeout(() => socket.resume(), 25);
+      }
+    });
+    socket.on("error", reject);
+    socket.on("close", () => {
+      const quarter = Math.floor(rises.length / 4);
+      resolve({
+        bytes,
+        beforeKiB,
+        peakKiB: Math.max(...rises),
+        firstQuarterPeakKiB: Math.max(...rises.slice(0, quarter)),
+        secondHalfPeakKiB: Math.max(...rises.slice(2 * quarter)),
+      });
+    });
+  });
 }
