@@ -17,6 +17,7 @@ import packageJson from "./package.json" with { type: "json" };
 import {
   backoffDelay,
   chooseAuthMode,
+  deploymentLabel,
   describeTokenError,
   federatedCredentialHint,
   jsonString,
@@ -24,6 +25,7 @@ import {
   MAX_TOKEN_LIFETIME_MS,
   millis,
   MIN_TOKEN_REQUEST_INTERVAL_MS,
+  newMetrics,
   nextCollectionMark,
   WEBSOCKET_PING_SECONDS,
   loadConfig,
@@ -2176,6 +2178,22 @@ describe("Pure pieces", () => {
     const headers = new Headers({ connection: "close, X-A", "x-a": "1", "x-b": "2", te: "trailers", "transfer-encoding": "chunked", upgrade: "websocket" });
     removeHopByHopHeaders(headers);
     expect([...headers.keys()]).toEqual(["x-b"]);
+  });
+
+  test("deploymentLabel names the deployment whole, whether or not it is the last one seen", () => {
+    const metrics = newMetrics();
+    const label = (target: string) => deploymentLabel(metrics, target);
+    expect(label("/openai/models")).toBe("");
+    expect(label("/openai/deployments/gpt-4o/chat/completions")).toBe("gpt-4o");
+    // The last one seen must match whole: a longer name sharing its start is another deployment.
+    expect(label("/openai/deployments/gpt-4o-mini/chat/completions")).toBe("gpt-4o-mini");
+    expect(label("/openai/deployments/gpt-4o/chat/completions")).toBe("gpt-4o");
+    expect(label("/openai/deployments/gpt-4?x=/y")).toBe("gpt-4");
+    expect(label("/openai/deployments/gpt-4")).toBe("gpt-4");
+    expect(label("/openai/deployments/gpt-4o?api-version=1")).toBe("gpt-4o");
+    expect(label("/openai/deployments/gpt-4%20o/chat")).toBe("other");
+    expect(label("/openai/deployments//chat")).toBe("other");
+    expect([...metrics.deployments]).toEqual(["gpt-4o", "gpt-4o-mini", "gpt-4"]);
   });
 
   test("a burst is collected at every 1,000 more requests in flight, and the mark follows the count back down", () => {
