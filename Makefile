@@ -60,7 +60,7 @@ image-check: build
 bench: build-x64
 	@missing=; for tool in wrk nginx taskset; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then echo "installing wrk and nginx (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx util-linux >/dev/null; fi
-	$(BUN) bench/run.ts
+	X64_TARGET=$(X64_TARGET) $(BUN) bench/run.ts
 
 # Minutes under load, hostile input and long silences (about 15 min); writes its section of bench/RESULTS.md.
 # Each proxied stream holds two sockets: the open-file limit is raised as far as the hard limit allows.
