@@ -16,14 +16,17 @@ import { AzureOpenAI } from "openai";
 import packageJson from "./package.json" with { type: "json" };
 import {
   backoffDelay,
+  asciiBytes,
   chooseAuthMode,
   deploymentLabel,
   describeTokenError,
+  encodeBytes,
+  encodeInteger,
+  encodeJsonString,
+  encodeMillis,
   federatedCredentialHint,
-  jsonString,
   KEEP_ALIVE_IDLE_SECONDS,
   MAX_TOKEN_LIFETIME_MS,
-  millis,
   MIN_TOKEN_REQUEST_INTERVAL_MS,
   newMetrics,
   nextCollectionMark,
@@ -2253,13 +2256,27 @@ describe("Pure pieces", () => {
     expect(upstreamSubprotocols(null)).toEqual([]);
   });
 
-  test("access-line formatting: millis rounds to hundredths as Math.round would, jsonString escapes what JSON must", () => {
-    for (const ms of [0, 0.004, 0.005, 0.1, 0.123, 1.05, 1.5, 12.3456, 99.999, 1234.5678, 600_000.126]) {
-      expect(JSON.parse(millis(ms))).toBe(Math.round(ms * 100) / 100);
+  test("access-line encoding: numbers as JSON writes them, milliseconds rounded to hundredths, strings escaped as JSON must", () => {
+    const encoded = (encode: (buffer: Buffer, at: number) => number) => {
+      const buffer = Buffer.alloc(1024, "#");
+      const end = encode(buffer, 3);
+      expect(buffer.subarray(0, 3).toString()).toBe("###");
+      expect(String.fromCharCode(buffer[end]!)).toBe("#");
+      return buffer.toString("utf8", 3, end);
+    };
+    for (const value of [0, 7, 10, 99, 200, 499, 1_000_001, 2 ** 40 + 3]) expect(encoded((b, at) => encodeInteger(b, at, value))).toBe(String(value));
+    for (const ms of [0, 0.004, 0.005, 0.1, 0.123, 1.05, 1.5, 2, 12.3456, 99.999, 1234.5678, 600_000.126]) {
+      const text = encoded((b, at) => encodeMillis(b, at, ms));
+      expect(JSON.parse(text)).toBe(Math.round(ms * 100) / 100);
+      expect(text).toBe(String(Math.round(ms * 100) / 100));
     }
-    for (const path of ["/openai/deployments/gpt-4o/chat/completions", '/a"b', "/a\\b", "/tab\there", "/nul\u0000", "/ü/✓"]) {
-      expect(JSON.parse(jsonString(path))).toBe(path);
+    expect(encoded((b, at) => encodeMillis(b, at, -0.2))).toBe("0");
+    for (const text of ["/openai/deployments/gpt-4o/chat/completions", "", '/a"b', "/a\\b", "/tab\there", "/nul\u0000", "/ü/✓", "/\ud800", "~\u007f"]) {
+      expect(JSON.parse(encoded((b, at) => encodeJsonString(b, at, text, text.length)))).toBe(text);
     }
+    expect(encoded((b, at) => encodeJsonString(b, at, "/path?query", 5))).toBe('"/path"');
+    expect(encoded((b, at) => encodeJsonString(b, at, '/a"b?q', 4))).toBe('"/a\\"b"');
+    expect(encoded((b, at) => encodeBytes(b, at, asciiBytes(',"name":')))).toBe(',"name":');
   });
 
   test("describeTokenError keeps the AADSTS code and first line, not the trace ids", () => {
