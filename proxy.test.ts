@@ -1954,6 +1954,21 @@ describe("Observability", () => {
     expect(String(completion.request_id)).toStartWith("chatcmpl-");
   });
 
+  test("access lines with request ids of hostile length and content: every line whole, parsed and exact, none lost", async () => {
+    // 60 lines of ~10 KB ids that JSON must escape overflow the log buffer many times within one event-loop turn.
+    const ids = Array.from({ length: 60 }, (_, n) => `long-${n}-${'q"b\\s\tt'.repeat(1_200)}-end`);
+    await Promise.all(
+      ids.map(async (id) => {
+        const response = await fetch(`${proxy.url}/openai/deployments/gpt-4o/chat/completions?n=1`, { method: "POST", body: "{}", headers: { "x-ms-client-request-id": id } });
+        expect(response.status).toBe(200);
+        await response.text();
+      }),
+    );
+    for (const id of ids) await proxy.waitForLog((entry) => entry.msg === "request" && entry.client_request_id === id);
+    expect(proxy.lines.filter((entry) => entry.level === "unparsed" && entry.msg.includes("long-"))).toEqual([]);
+    expect(proxy.lines.filter((entry) => String(entry.client_request_id ?? "").startsWith("long-")).length).toBe(ids.length);
+  });
+
   test("an upstream that drops mid-body: the client's body is cut, the line says truncated, a reset is counted", async () => {
     const before = (await metricsOf()).samples;
     const response = await fetch(`${proxy.url}/test/cut`);
