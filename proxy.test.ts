@@ -15,8 +15,8 @@ import { ServiceAccount } from "kubernetes-models/v1/ServiceAccount";
 import { AzureOpenAI } from "openai";
 import packageJson from "./package.json" with { type: "json" };
 import {
-  backoffDelay,
   asciiBytes,
+  backoffDelay,
   chooseAuthMode,
   deploymentLabel,
   describeTokenError,
