@@ -1662,13 +1662,24 @@ describe("Token lifecycle", () => {
 
 describe("Logs", () => {
   let proxy: ProxyProcess;
+  let sentAt = 0;
+  let receivedAt = 0;
   beforeAll(async () => {
     proxy = await startProxy(baseEnv());
     await proxy.waitForHealth();
+    sentAt = Date.now();
     await (await fetch(`${proxy.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21&secret=query`, { method: "POST", body: "{}" })).text();
+    receivedAt = Date.now();
     await proxy.waitForLog((line) => line.msg === "request"); // log lines are written once per event-loop turn
   });
   afterAll(() => proxy.stop());
+
+  test("an access line carries the wall-clock time its response ended, though it is encoded at the turn's end", () => {
+    const time = Date.parse(String(proxy.lines.find((line) => line.msg === "request")!.time));
+    // A millisecond either way: both clocks are read to the millisecond.
+    expect(time).toBeGreaterThanOrEqual(sentAt - 1);
+    expect(time).toBeLessThanOrEqual(receivedAt + 1);
+  });
 
   test("every line is one JSON object with time, level and msg", () => {
     const lines = proxy.stdout.trim().split("\n");
