@@ -46,9 +46,9 @@ let logLength = 0;
 let flushScheduled = false;
 /**
  * The forwarded requests that ended this turn, their access lines encoded
- * together when the turn's log is written: the responses go out first, and
- * back to back the encoder stays in the CPU's caches (0.41-0.52 µs a line in
- * place, against 0.51-0.66 one at a time; bench/RESULTS.md).
+ * together when the turn's log is written: the turn's responses go out
+ * before any line is made, and the lines are made back to back (in place
+ * 0.41-0.64 µs a line, against 0.51-0.70 one at a time; bench/RESULTS.md).
  */
 const endedExchanges: Exchange[] = [];
 

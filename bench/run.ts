@@ -7,7 +7,7 @@
  * every figure is the median over the rounds. Prints a markdown table and
  * writes it into bench/RESULTS.md between the results markers.
  *
- * Usage: bun bench/run.ts   (BENCH_ROUNDS=3, BENCH_SECONDS=4, BENCH_COST_TRIPLETS=20)
+ * Usage: bun bench/run.ts   (BENCH_ROUNDS=3, BENCH_SECONDS=4, BENCH_COST_TRIPLETS=30)
  */
 import { execFileSync, spawnSync } from "node:child_process";
 import { cpus } from "node:os";
@@ -226,7 +226,7 @@ const peakAfterAllLoads = memoryKiB(proxy.pid, "VmHWM");
 // rotated, each judged by the median of its per-triplet ratios. A
 // round-to-round spread of ±4 % on this machine made a three-round figure
 // read anywhere from 0.905 to 0.974 for the same build.
-const COST_TRIPLETS = Number(process.env.BENCH_COST_TRIPLETS ?? 20);
+const COST_TRIPLETS = Number(process.env.BENCH_COST_TRIPLETS ?? 30);
 const postRps = (port: number) => wrk(`http://127.0.0.1:${port}${CHAT_PATH}`, 64, join(ROOT, "bench/post.lua")).rps;
 const costArms = { bothOn: countedProxyPort, linesOff: quietProxyPort, bothOff: uncountedProxyPort };
 const costRps: Record<keyof typeof costArms, number[]> = { bothOn: [], linesOff: [], bothOff: [] };
