@@ -1912,10 +1912,11 @@ describe("Observability", () => {
 
     const orphan = await startProxy(baseEnv({ API_BASE_URL: `http://127.0.0.1:${freePort()}` }));
     await orphan.waitForHealth();
-    expect((await fetch(`${orphan.url}/openai/models`)).status).toBe(502);
+    expect((await fetch(`${orphan.url}/openai/deployments/gpt-4o/chat/completions`, { method: "POST", body: "{}" })).status).toBe(502);
     const orphaned = (await metricsOf(orphan.url)).samples;
     expect(valueOf(orphaned, "auth_proxy_upstream_errors_total", { reason: "connect" })).toBe(1);
-    expect(valueOf(orphaned, "auth_proxy_requests_total", { code: "502" })).toBe(1);
+    // Counted in the request's own series: its method and deployment.
+    expect(valueOf(orphaned, "auth_proxy_requests_total", { method: "POST", deployment: "gpt-4o", code: "502" })).toBe(1);
     await orphan.stop();
   });
 

@@ -1730,7 +1730,6 @@ async function forward(req: Request, method: string, target: string, authorizati
     bytesOut: 0,
     requestId: accessLogEnabled ? (headers.get("apim-request-id") ?? headers.get("x-request-id")) : null,
     clientRequestId,
-    ended: false,
   };
   const lifted = idleTimerLifted(startedAt, headersAt);
   const declaredLength = Number(headers.get("content-length") ?? Infinity);
@@ -1771,6 +1770,7 @@ interface Exchange {
   startedAt: number;
   headersAt: number;
   firstByteAt: number;
+  /** 0 until the exchange ends. A cancelled body can also see its read fail: the end is counted once. */
   endedAt: number;
   /** How the exchange ended, for its access line. */
   end: ExchangeEnd;
@@ -1778,8 +1778,6 @@ interface Exchange {
   bytesOut: number;
   requestId: string | null;
   clientRequestId: string | null;
-  /** A cancelled body can also see its read fail: the end is counted once. */
-  ended: boolean;
 }
 
 /**
@@ -1813,7 +1811,7 @@ function relayBody(body: ReadableStream<Uint8Array>, exchange: Exchange): Readab
           chunk = await reader.read();
         } catch (error) {
           // The upstream went away mid-body: the client gets a cut body, as it would from the upstream itself.
-          if (!exchange.ended) {
+          if (exchange.endedAt === 0) {
             const reason = upstreamErrorReason(error, false);
             exchange.metrics.upstreamErrors[reason === "other" ? "reset" : reason] += 1;
             exchangeEnded(exchange, "truncated");
@@ -1830,7 +1828,7 @@ function relayBody(body: ReadableStream<Uint8Array>, exchange: Exchange): Readab
         controller.enqueue(chunk.value);
       },
       cancel(reason) {
-        if (!exchange.ended) {
+        if (exchange.endedAt === 0) {
           exchange.metrics.upstreamErrors.client_abort += 1;
           exchangeEnded(exchange, "aborted");
         }
@@ -1863,9 +1861,8 @@ function releaseChunk(chunk: Uint8Array): void {
  * the turn's write.
  */
 function exchangeEnded(exchange: Exchange, how: ExchangeEnd): void {
-  exchange.ended = true;
+  const endedAt = (exchange.endedAt = performance.now());
   if (how === "rearm") exchange.server.timeout(exchange.req, KEEP_ALIVE_IDLE_SECONDS);
-  const endedAt = performance.now();
   const { metrics, series } = exchange;
   const status = how === "aborted" ? 499 : exchange.status;
   metrics.requestsInFlight -= 1;
@@ -1878,7 +1875,6 @@ function exchangeEnded(exchange: Exchange, how: ExchangeEnd): void {
   }
   if (!accessLogEnabled) return;
   exchange.status = status;
-  exchange.endedAt = endedAt;
   exchange.end = how;
   endedExchanges.push(exchange);
   scheduleFlush();
@@ -1891,10 +1887,9 @@ function writeAccessLines(): void {
 }
 
 function writeAccessLine(exchange: Exchange): void {
-  const { startedAt, endedAt, status, series, requestId, clientRequestId, end: how } = exchange;
-  const method = exchange.method;
-  reserveLog(ACCESS_LINE_BYTES + 6 * (method.length + exchange.target.length + (requestId?.length ?? 0) + (clientRequestId?.length ?? 0)));
-  putAccessLineHead(method, exchange.target, status, startedAt, endedAt);
+  const { method, target, startedAt, endedAt, status, series, requestId, clientRequestId, end: how } = exchange;
+  reserveLog(ACCESS_LINE_BYTES + 6 * (method.length + target.length + (requestId?.length ?? 0) + (clientRequestId?.length ?? 0)));
+  putAccessLineHead(method, target, status, startedAt, endedAt);
   putMillisField(UPSTREAM_MS, exchange.headersAt - startedAt);
   if (exchange.firstByteAt !== 0) putMillisField(TTFB_MS, exchange.firstByteAt - startedAt);
   putIntegerField(BYTES_IN, exchange.bytesIn);
