@@ -11,7 +11,7 @@ BUILD := $(BUN) run build --define 'AUTH_PROXY_COMMIT="$(COMMIT)"'
 # bun-linux-x64 needs AVX2; X64_TARGET=bun-linux-x64-baseline runs on older CPUs.
 X64_TARGET ?= bun-linux-x64
 
-.PHONY: install test test-tools typecheck demo run build build-x64 test-binary image-check bench soak clean
+.PHONY: install test test-tools typecheck demo run build build-x64 test-binary image-check bench bench-ab soak clean
 
 install: node_modules/.installed
 
@@ -61,6 +61,16 @@ bench: build-x64
 	@missing=; for tool in wrk nginx taskset; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then echo "installing wrk and nginx (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx util-linux >/dev/null; fi
 	X64_TARGET=$(X64_TARGET) $(BUN) bench/run.ts
+
+# The working tree's build against BASE's (a git ref, default HEAD), side by side in alternating rounds:
+# what a change costs, measured against its own baseline on the same machine at the same time.
+BASE ?= HEAD
+bench-ab: build-x64
+	@command -v wrk >/dev/null || { echo "installing wrk (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk util-linux >/dev/null; }
+	rm -rf dist/base && mkdir -p dist/base
+	git show $(BASE):proxy.ts > dist/base/proxy.ts && git show $(BASE):package.json > dist/base/package.json
+	cd dist/base && $(CURDIR)/$(BUN) run build --define 'AUTH_PROXY_COMMIT="$(shell git rev-parse --short=12 $(BASE))"' --target=$(X64_TARGET) --outfile auth-proxy
+	$(BUN) bench/ab.ts dist/base/auth-proxy dist/auth-proxy
 
 # Minutes under load, hostile input and long silences (about 15 min); writes its section of bench/RESULTS.md.
 # Each proxied stream holds two sockets: the open-file limit is raised as far as the hard limit allows.

@@ -6,7 +6,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createHash, randomBytes, X509Certificate } from "node:crypto";
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { closeSync, constants as fsConstants, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { join } from "node:path";
 import { Deployment } from "kubernetes-models/apps/v1/Deployment";
@@ -731,6 +731,73 @@ describe("Forwarding", () => {
     for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? "";
     expect(text).toBe("Hello from the fake Azure OpenAI.");
   });
+
+  test("no request target climbs above API_BASE_URL's path prefix, whatever the Host header (empty, malformed, missing)", async () => {
+    const prefixed = await startProxy(baseEnv({ API_BASE_URL: `${upstream.url}/openai/deployments/allowed` }));
+    await prefixed.waitForHealth();
+    const targets = ["/../../other/chat/completions", "/%2e%2e/%2E%2E/other/chat/completions", "/.%2e/x/../../other", "/x/./../../../other?q=/../../y", "/\\..\\..\\other"];
+    let forwarded = 0;
+    for (const hostLine of ["Host: \r\n", "Host: %%%\r\n", "Host: a b/c\r\n", "Host: x:99999\r\n", "Host: [::1\r\n", ""]) {
+      for (const target of targets) {
+        const before = upstream.received.length;
+        const response = await rawRequest(prefixed.port, `POST ${target} HTTP/1.1\r\n${hostLine}Content-Length: 2\r\nConnection: close\r\n\r\n{}`);
+        if (response.status === 400) {
+          expect(upstream.received.length).toBe(before); // refused by the HTTP parser: nothing forwarded
+          continue;
+        }
+        expect(response.status).toBe(200);
+        forwarded += 1;
+        expect(lastReceived().target).toStartWith("/openai/deployments/allowed/");
+      }
+    }
+    expect(forwarded).toBeGreaterThanOrEqual(10);
+    await prefixed.stop();
+  });
+
+  test("response headers are the upstream's: no Content-Type is added, and HEAD of a chunked resource is not called empty", async () => {
+    const plain = await rawRequest(proxy.port, "GET /test/no-content-type HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    expect(plain.status).toBe(200);
+    expect(plain.body).toBe("plain");
+    expect(plain.headers.filter((header) => /^content-type:/i.test(header))).toEqual([]);
+    expect(plain.headers).toContainEqual(expect.stringMatching(/^content-length: 5$/i));
+    const sized = await rawRequest(proxy.port, "HEAD /test/no-content-type HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    expect(sized.headers).toContainEqual(expect.stringMatching(/^content-length: 5$/i));
+    const chunked = await rawRequest(proxy.port, "HEAD /test/chunked HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    expect(chunked.status).toBe(200);
+    expect(chunked.headers.filter((header) => /^content-length:/i.test(header))).toEqual([]);
+    expect(chunked.headers).toContainEqual(expect.stringMatching(/^transfer-encoding: chunked$/i));
+    expect(chunked.body).toBe("");
+    expect(await (await fetch(`${proxy.url}/test/chunked`)).text()).toBe("chunked");
+  });
+
+  test("a Connection header listing a name that is no header name, from the client or the upstream, is forwarded, counted and logged; the in-flight gauge is left as it was", async () => {
+    const inFlight = async () => valueOf((await scrape(proxy.url)).samples, "auth_proxy_requests_in_flight");
+    const before = await inFlight();
+    const fromClient = await rawRequest(proxy.port, "GET /openai/models HTTP/1.1\r\nHost: localhost\r\nConnection: close, x a\r\nX-Kept: 1\r\n\r\n");
+    expect(fromClient.status).toBe(200);
+    expect(lastReceived().headers["x-kept"]).toBe("1");
+    const fromUpstream = await rawRequest(proxy.port, "GET /test/odd-connection HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    expect(fromUpstream.status).toBe(200);
+    expect(fromUpstream.body).toBe("odd");
+    expect(fromUpstream.headers.filter((header) => /x a/.test(header))).toEqual([]);
+    await proxy.waitForLog((line) => line.msg === "request" && line.path === "/test/odd-connection" && line.status === 200);
+    expect(await inFlight()).toBe(before);
+  });
+
+  test("a small body that trickles is counted in flight and logged until its last byte arrives", async () => {
+    const inFlight = async () => valueOf((await scrape(proxy.url)).samples, "auth_proxy_requests_in_flight")!;
+    const before = await inFlight();
+    const startedAt = Date.now();
+    const body = fetch(`${proxy.url}/test/trickle?ms=1500`).then((response) => response.text());
+    await Bun.sleep(700);
+    expect(await inFlight()).toBe(before + 1);
+    expect(await body).toBe('{"trickled":"yes"}  ');
+    const line = await proxy.waitForLog((entry) => entry.msg === "request" && entry.path === "/test/trickle");
+    expect(line.duration_ms as number).toBeGreaterThanOrEqual(1400);
+    expect(line.duration_ms as number).toBeLessThanOrEqual(Date.now() - startedAt);
+    expect(line.bytes_out).toBe(20);
+    expect(await inFlight()).toBe(before);
+  });
 });
 
 // ---------------------------------------------------------------- methods and caller keys
@@ -941,20 +1008,51 @@ describe("WebSocket", () => {
     expect(clientDrop.upstreamSession.closedAtMs! - droppedAt).toBeLessThan(1000);
   });
 
-  test("a refused upstream handshake reaches the client as that HTTP status; no WebSocket is opened", async () => {
+  test("a refused upstream handshake reaches the client as the upstream's answer: status, headers and body; no WebSocket is opened", async () => {
     const opened = realtime.sessions.length;
     for (const status of [401, 403, 404, 429]) {
       const response = await rawUpgrade(proxy.port, `/openai/v1/realtime?model=gpt-realtime&refuse=${status}`);
       expect(response.status).toBe(status);
       const body = JSON.parse(response.body);
       proxyBodies.push(response.body);
-      expect(body.error).toMatchObject({ type: "auth_proxy_error", code: "upstream_refused_websocket" });
-      expect(body.error.message).toContain(String(status));
+      expect(body.error.code).toBe(String(status));
+      if (status === 429) expect(response.headers).toContainEqual(expect.stringMatching(/^retry-after: 7$/i));
     }
     const client = new TestSocket(wsUrl("/openai/v1/realtime?model=gpt-realtime&refuse=401"));
     await expect(client.opened).rejects.toThrow("401");
     expect(realtime.sessions.length).toBe(opened);
     await proxy.waitForLog((line) => line.msg === "token acquired" && line.trigger === "upstream answered 401");
+  });
+
+  test("an upstream redirect of the handshake reaches the client as that status with its Location, never followed or called unreachable", async () => {
+    for (const status of [301, 302, 307, 308]) {
+      const response = await rawUpgrade(proxy.port, `/openai/v1/realtime?model=gpt-realtime&refuse=${status}`);
+      expect(response.status).toBe(status);
+      expect(response.headers).toContainEqual(expect.stringMatching(/^location: wss:\/\/moved\.example\/prefix\/openai\/v1\/realtime$/i));
+    }
+    await proxy.waitForLog((line) => line.msg === "request" && line.status === 308);
+    expect(proxy.lines.filter((line) => line.msg === "upstream unreachable")).toEqual([]);
+  });
+
+  test("a malformed client handshake (bad Sec-WebSocket-Key, duplicate or malformed subprotocols) is answered 400 before any upstream session is opened", async () => {
+    const opened = realtime.sessions.length;
+    const refused = realtime.refused.length;
+    const faults: Record<string, string>[] = [{ "Sec-WebSocket-Key": "not-a-key" }, { "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ" }, { "Sec-WebSocket-Protocol": "realtime, realtime" }, { "Sec-WebSocket-Protocol": "a b" }];
+    for (const headers of faults) {
+      const response = await rawUpgrade(proxy.port, "/openai/v1/realtime?model=gpt-realtime", headers);
+      expect(response.status).toBe(400);
+      proxyBodies.push(response.body);
+      expect(JSON.parse(response.body).error.code).toBe("bad_websocket_handshake");
+    }
+    expect(realtime.sessions.length).toBe(opened);
+    expect(realtime.refused.length).toBe(refused);
+    await proxy.waitForLog((line) => line.msg === "request" && line.status === 400);
+  });
+
+  test("an upgrade to a target with a fragment is relayed without the fragment", async () => {
+    const response = await rawUpgrade(proxy.port, "/openai/v1/realtime?model=gpt-realtime#fragment");
+    expect(response.status).toBe(101);
+    expect(realtime.sessions.at(-1)!.handshake.target).toBe("/prefix/openai/v1/realtime?model=gpt-realtime");
   });
 
   test("no valid token: the upgrade gets 503 with Retry-After; an unreachable upstream gets 502", async () => {
@@ -1615,6 +1713,46 @@ describe("Token lifecycle", () => {
     }
   }, 40_000);
 
+  test("a token response that stalls mid-body is given up after 10 s, said as such, and retried", async () => {
+    entra.outage = { kind: "stall-body" };
+    try {
+      const proxy = await startProxy(baseEnv());
+      const failure = await proxy.waitForLog((line) => line.msg === "token acquisition failed", 15_000);
+      expect(String(failure.error)).toContain("no complete answer within 10 s");
+      entra.outage = undefined;
+      await proxy.waitForHealth(200, 10_000);
+      await proxy.stop();
+    } finally {
+      resetEntra();
+    }
+  }, 40_000);
+
+  test("a 401 storm while the identity provider fails asks it no more often than the refresh backoff allows", async () => {
+    try {
+      const proxy = await startProxy(baseEnv());
+      await proxy.waitForHealth();
+      entra.outage = { kind: "error", status: 503, error: "temporarily_unavailable", code: 90033, description: "A transient error has occurred. Please try again." };
+      // Every answer is a 401 for 8 s (the 401 refreshes used to come every 5 s), while the token held is still valid.
+      const stormEnds = Date.now() + 8_000;
+      while (Date.now() < stormEnds) {
+        const response = await fetch(`${proxy.url}/test/status?code=401`);
+        expect(response.status).toBe(401);
+        await response.arrayBuffer();
+        await Bun.sleep(20);
+      }
+      const failures = proxy.lines.filter((line) => line.msg === "token acquisition failed");
+      // The first 401 starts one refresh; after it fails, only the backoff's schedule asks again.
+      expect(failures[0]).toMatchObject({ trigger: "upstream answered 401" });
+      expect(failures.slice(1).map((line) => line.trigger)).toEqual(failures.slice(1).map(() => "scheduled"));
+      const times = failures.map((line) => Date.parse(line.time));
+      for (let index = 1; index < times.length; index += 1) expect(times[index]! - times[index - 1]!).toBeGreaterThanOrEqual(900);
+      expect(failures.length).toBeLessThanOrEqual(5);
+      await proxy.stop();
+    } finally {
+      resetEntra();
+    }
+  }, 30_000);
+
   test("a certificate swapped like a Kubernetes Secret is used without restart; a broken one is ignored", async () => {
     // kubelet's layout: cert.pem -> ..data/cert.pem, ..data -> ..<timestamp>/, swapped by renaming a new ..data link.
     const secretDir = join(certs.dir, "secret-volume");
@@ -1717,6 +1855,93 @@ describe("Logs", () => {
     expect(proxy.stdout).not.toContain("secret=query");
   });
 
+  /** A fifo for the proxy's stdout: the test holds the reading end and decides when, or whether, to read. */
+  function fifoStdout(): { readerFd: number; writerFd: number } {
+    const path = join(certs.dir, `stdout-${randomBytes(4).toString("hex")}.fifo`);
+    expect(Bun.spawnSync(["mkfifo", path]).exitCode).toBe(0);
+    const readerFd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+    return { readerFd, writerFd: openSync(path, fsConstants.O_WRONLY) };
+  }
+
+  /** What the fifo holds now. */
+  function readFifo(fd: number): string {
+    const buffer = Buffer.alloc(64 * 1024);
+    let text = "";
+    for (;;) {
+      let read = 0;
+      try {
+        read = readSync(fd, buffer, 0, buffer.length, null);
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code === "EAGAIN") break;
+        throw error;
+      }
+      if (read === 0) break;
+      text += buffer.toString("utf8", 0, read);
+    }
+    allOutput.push(text);
+    return text;
+  }
+
+  /** `total` forwarded requests, 50 at a time, each of which must be answered within 5 s. */
+  async function forwardedRequests(proxy: ProxyProcess, total: number): Promise<void> {
+    for (let sent = 0; sent < total; sent += 50) {
+      const statuses = await Promise.all(
+        Array.from({ length: 50 }, async () => {
+          const response = await fetch(`${proxy.url}/openai/models`, { signal: AbortSignal.timeout(5000) });
+          await response.arrayBuffer();
+          return response.status;
+        }),
+      );
+      expect(new Set(statuses)).toEqual(new Set([200]));
+    }
+  }
+
+  test("a stdout nobody reads never stops serving: lines past the buffer are dropped, counted, and said once the reader is back", async () => {
+    const fifo = fifoStdout();
+    const reader = await startProxy(baseEnv(), [], undefined, fifo.writerFd);
+    closeSync(fifo.writerFd);
+    await reader.waitForHealth();
+    // 3,000 access lines: the pipe's 64 KiB hold about 190 of them, the proxy's buffer about 700 more.
+    await forwardedRequests(reader, 3000);
+    expect((await fetch(`${reader.url}/live`, { signal: AbortSignal.timeout(1000) })).status).toBe(200);
+    const dropped = valueOf((await scrape(reader.url)).samples, "auth_proxy_log_lines_dropped_total")!;
+    expect(dropped).toBeGreaterThan(1000);
+    let text = "";
+    const deadline = Date.now() + 10_000;
+    while (!text.includes('"msg":"log lines dropped') && Date.now() < deadline) {
+      text += readFifo(fifo.readerFd);
+      await Bun.sleep(20);
+    }
+    await Bun.sleep(200);
+    text += readFifo(fifo.readerFd);
+    // Every line that arrives is whole: none was cut where the pipe filled.
+    const lines = text.slice(0, text.lastIndexOf("\n")).split("\n").map((line) => JSON.parse(line) as LogLine);
+    const warnings = lines.filter((line) => line.msg === "log lines dropped: stdout was not read fast enough");
+    expect(warnings.length).toBeGreaterThanOrEqual(1);
+    expect(warnings[0]!.level).toBe("warn");
+    const reported = warnings.reduce((sum, line) => sum + (line.dropped as number), 0);
+    expect(reported).toBe(dropped);
+    // Each request has its line or is counted as dropped: no line is lost unsaid.
+    expect(lines.filter((line) => line.msg === "request").length + reported).toBe(3000);
+    await reader.stop();
+    closeSync(fifo.readerFd);
+  }, 60_000);
+
+  test("a closed stdout (EPIPE) never stops serving: every line from then on is dropped and counted", async () => {
+    const fifo = fifoStdout();
+    const orphan = await startProxy(baseEnv(), [], undefined, fifo.writerFd);
+    closeSync(fifo.writerFd);
+    await orphan.waitForHealth();
+    closeSync(fifo.readerFd);
+    await forwardedRequests(orphan, 200);
+    expect((await fetch(`${orphan.url}/live`)).status).toBe(200);
+    // The last lines are encoded (and dropped) at the turn's write.
+    const dropped = async () => valueOf((await scrape(orphan.url)).samples, "auth_proxy_log_lines_dropped_total")! >= 200;
+    await waitFor(dropped, 2000);
+    expect(orphan.exitCode).toBeNull();
+    await orphan.stop();
+  });
+
   test("LOG_LEVEL=warn drops the access lines", async () => {
     const quiet = await startProxy(baseEnv({ LOG_LEVEL: "warn" }));
     await quiet.waitForHealth();
@@ -1745,6 +1970,7 @@ const METRIC_FAMILIES = [
   ["auth_proxy_token_last_success_timestamp_seconds", "gauge"],
   ["auth_proxy_certificate_expiration_timestamp_seconds", "gauge"],
   ["auth_proxy_upstream_ratelimit_remaining", "gauge"],
+  ["auth_proxy_log_lines_dropped_total", "counter"],
   ["process_cpu_seconds_total", "counter"],
   ["process_resident_memory_bytes", "gauge"],
   ["process_start_time_seconds", "gauge"],
@@ -2116,6 +2342,28 @@ describe("Signals", () => {
       expect(proxy.lines.at(-1)).toMatchObject({ msg: "stopped", drained: true });
     });
   }
+
+  test("a second signal during the drain is ignored: the open stream finishes and the exit is still 0", async () => {
+    const proxy = await startProxy(baseEnv({ SHUTDOWN_TIMEOUT: "10" }));
+    await proxy.waitForHealth();
+    const stream = await fetch(`${proxy.url}/test/stream?ms=1500&interval=100`);
+    const reader = stream.body!.getReader();
+    await reader.read();
+    proxy.proc.kill("SIGTERM");
+    await proxy.waitForLog((line) => line.msg === "shutting down");
+    proxy.proc.kill("SIGTERM");
+    proxy.proc.kill("SIGINT");
+    await proxy.waitForLog((line) => line.msg === "signal ignored: already shutting down" && line.signal === "SIGINT");
+    let events = 1;
+    for (;;) {
+      const { done } = await reader.read();
+      if (done) break;
+      events += 1;
+    }
+    expect(events).toBeGreaterThan(10);
+    expect(await proxy.exited).toBe(0);
+    expect(proxy.lines.at(-1)).toMatchObject({ msg: "stopped", drained: true });
+  });
 
   /** A proxy in front of the fake realtime upstream, with one session open (its session.created received). */
   async function proxyWithSession(shutdownTimeout: string) {

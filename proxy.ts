@@ -13,7 +13,7 @@
  */
 import arg from "arg";
 import { createHash, createPrivateKey, createPublicKey, timingSafeEqual, X509Certificate, type KeyObject } from "node:crypto";
-import { readdirSync, readFileSync, statSync, writeSync } from "node:fs";
+import { constants as fsConstants, fstatSync, openSync, readdirSync, readFileSync, statSync, writeSync } from "node:fs";
 import type { AuthenticationResult, INetworkModule, NetworkResponse } from "@azure/msal-node";
 import packageJson from "./package.json" with { type: "json" };
 
@@ -38,8 +38,15 @@ let logThreshold = LOG_LEVEL_RANK.info;
  * making no string: joined from strings and flattened at the write, a line
  * cost 0.92-1.22 µs of the proxy's thread in place; encoded, 0.62-0.69 µs
  * (bench/RESULTS.md); those of forwarded requests wait for the turn's
- * write (`writeAccessLines`). Exit paths flush synchronously so the last
- * lines are never lost.
+ * write (`writeAccessLines`). Exit paths flush what the reader takes.
+ *
+ * Logging never stops or slows serving: a blocking write to a pipe nobody
+ * reads stopped the only thread once the pipe's 64 KiB were full (about
+ * 190 access lines), and a closed one (EPIPE) threw out of the write. So a
+ * pipe is written without blocking; what it does not take waits in the
+ * buffer, and a line that finds the buffer full, or stdout closed, is
+ * dropped and counted (`auth_proxy_log_lines_dropped_total`), and said in
+ * a warn line once the reader is back.
  */
 let logBuffer = Buffer.allocUnsafe(256 * 1024);
 let logLength = 0;
@@ -52,46 +59,127 @@ let flushScheduled = false;
  */
 const endedExchanges: Exchange[] = [];
 
-/** The turn's write, scheduled by its first line. */
+/** stdout, or its pipe reopened without blocking (`openLogOutput`). */
+let logFd = 1;
+/** False once stdout is closed (EPIPE): every line from then on is dropped. */
+let logWritable = true;
+/** The pipe is full: writes wait for `retryLogWrite` instead of failing once a turn. */
+let logWaitingForReader = false;
+/** Lines dropped since the start, and since the last warn line that said so. */
+let logLinesDropped = 0;
+let logLinesDroppedUnreported = 0;
+/** How often a full pipe is tried again: the reader's pace, not the proxy's, decides when lines go out. */
+const LOG_RETRY_MS = 50;
+/** At exit the reader gets this long to take the last lines, however slow it is. */
+const LOG_EXIT_WAIT_MS = 1000;
+
+/**
+ * A pipe on stdout (containers, Kubernetes, `| jq`) is reopened through
+ * /proc with O_NONBLOCK: the new open file description is the proxy's own,
+ * so the shell or runtime sharing fd 1 keeps its blocking mode (setting
+ * O_NONBLOCK on fd 1 itself would change theirs). A terminal, a file or
+ * journald's socket keep fd 1 as it is: they read as fast as lines come.
+ */
+export function openLogOutput(): void {
+  try {
+    if (fstatSync(1).isFIFO()) logFd = openSync("/proc/self/fd/1", fsConstants.O_WRONLY | fsConstants.O_NONBLOCK);
+  } catch {}
+}
+
+/**
+ * The turn's write, scheduled by its first line. A timer, not
+ * setImmediate: an immediate queued as the proxy went idle (after a
+ * refused WebSocket handshake's answer) waited for the next event, leaving
+ * its line unwritten for as long as no request came (measured on 1.4.5).
+ */
 function scheduleFlush(): void {
   if (flushScheduled) return;
   flushScheduled = true;
-  setImmediate(flushLog);
+  setTimeout(flushLog, 0);
 }
 
-/** Room for `bytes` more. */
-function reserveLog(bytes: number): void {
+/** Room for `bytes` more, or false (the line dropped and counted) when stdout is closed or its reader is behind by a whole buffer. */
+function reserveLog(bytes: number): boolean {
+  if (!logWritable) return dropLine();
   scheduleFlush();
   if (logLength + bytes > logBuffer.length) writeLog();
+  if (logLength + bytes <= logBuffer.length) return true;
+  if (logLength !== 0) return dropLine();
   // Only a line of hostile length gets here: URLs and headers are bounded by Bun's limits.
-  if (bytes > logBuffer.length) logBuffer = Buffer.allocUnsafe(bytes);
+  logBuffer = Buffer.allocUnsafe(bytes);
+  return true;
+}
+
+function dropLine(): false {
+  logLinesDropped += 1;
+  logLinesDroppedUnreported += 1;
+  return false;
 }
 
 /** Room for a line written now: the access lines waiting for the turn's write go first, so lines keep their order. */
-function reserveLine(bytes: number): void {
+function reserveLine(bytes: number): boolean {
   if (endedExchanges.length !== 0) writeAccessLines();
-  reserveLog(bytes);
+  return reserveLog(bytes);
 }
 
 function writeLine(line: string): void {
   // UTF-8 takes at most three bytes per UTF-16 code unit.
-  reserveLine(line.length * 3);
-  logLength += logBuffer.write(line, logLength);
+  if (reserveLine(line.length * 3)) logLength += logBuffer.write(line, logLength);
 }
 
-/** Everything logged so far, access lines waiting for the turn's end included, written now. */
+/** Everything logged so far, access lines waiting for the turn's end included, written now (as far as the reader takes it). */
 export function flushLog(): void {
   writeAccessLines();
   writeLog();
   flushScheduled = false;
 }
 
+/** At exit: the last lines, waiting a bounded time for a slow reader. */
+function flushLogAtExit(): void {
+  writeAccessLines();
+  const deadline = performance.now() + LOG_EXIT_WAIT_MS;
+  for (;;) {
+    logWaitingForReader = false;
+    writeLog();
+    if (logLength === 0 || !logWritable || performance.now() > deadline) return;
+    Bun.sleepSync(5);
+  }
+}
+
 function writeLog(): void {
-  if (logLength === 0) return;
-  const length = logLength;
+  if (logLength === 0 || logWaitingForReader) return;
+  let written = 0;
+  try {
+    // A pipe may take part of the buffer: the rest follows.
+    while (written < logLength) written += writeSync(logFd, logBuffer, written, logLength - written);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === "EAGAIN") {
+      // The pipe is full: what it did not take stays, a line cut in two included, and goes first when the reader is back.
+      logBuffer.copyWithin(0, written, logLength);
+      logLength -= written;
+      logWaitingForReader = true;
+      setTimeout(retryLogWrite, LOG_RETRY_MS).unref();
+      return;
+    }
+    // EPIPE (the reader closed stdout) or worse: nothing written from now on will be read.
+    logWritable = false;
+    for (let at = written; at < logLength; at += 1) if (logBuffer[at] === 10) dropLine();
+    logLength = 0;
+    return;
+  }
   logLength = 0;
-  // writeSync may write part of a buffer to a pipe: the rest follows.
-  for (let written = 0; written < length; ) written += writeSync(1, logBuffer, written, length - written);
+  if (logLinesDroppedUnreported !== 0) reportDroppedLines();
+}
+
+function retryLogWrite(): void {
+  logWaitingForReader = false;
+  writeLog();
+}
+
+function reportDroppedLines(): void {
+  const dropped = logLinesDroppedUnreported;
+  logLinesDroppedUnreported = 0;
+  log("warn", "log lines dropped: stdout was not read fast enough", { dropped, dropped_total: logLinesDropped });
 }
 
 /** Text known to be ASCII (JSON punctuation, field names) as bytes, for `encodeBytes`. */
@@ -869,13 +957,14 @@ async function sendTokenRequest<T>(
   options: { headers?: Record<string, string>; body?: string } | undefined,
   timeoutMs = TOKEN_REQUEST_TIMEOUT_MS,
 ): Promise<NetworkResponse<T>> {
+  const signal = AbortSignal.timeout(timeoutMs);
   let response: Response;
   try {
     response = await fetch(url, {
       method,
       headers: options?.headers,
       body: method === "POST" ? (options?.body ?? "") : undefined,
-      signal: AbortSignal.timeout(timeoutMs),
+      signal,
       // A token endpoint that redirects is misconfigured or hijacked: the client assertion goes nowhere else.
       redirect: "manual",
     });
@@ -888,7 +977,14 @@ async function sendTokenRequest<T>(
     void response.body?.cancel();
     throw await networkError(`token endpoint ${origin} answered with a redirect (HTTP ${response.status}); AZURE_AUTHORITY_HOST must be the identity provider itself`);
   }
-  const text = await readBounded(response, MAX_TOKEN_RESPONSE_BYTES);
+  let text: string | undefined;
+  try {
+    text = (await readBounded(response, MAX_TOKEN_RESPONSE_BYTES))?.toString("utf8");
+  } catch (error) {
+    // The timeout covers the body too: an endpoint that stalls after its headers is named as plainly as one that never answers.
+    const reason = signal.aborted ? `no complete answer within ${timeoutMs / SECOND} s (HTTP ${response.status}, the body stalled)` : errorMessage(error);
+    throw await networkError(`token request to ${origin} failed: ${reason}`, UNREACHABLE);
+  }
   if (text === undefined) {
     throw await networkError(`token endpoint ${origin} answered HTTP ${response.status} with a body over ${MAX_TOKEN_RESPONSE_BYTES / 1024 / 1024} MiB`);
   }
@@ -899,8 +995,8 @@ async function sendTokenRequest<T>(
   }
 }
 
-/** The body as text, or undefined (and the rest cancelled) once it passes `limit` bytes. */
-async function readBounded(response: Response, limit: number): Promise<string | undefined> {
+/** The body's bytes, or undefined (and the rest cancelled) once it passes `limit` bytes. */
+async function readBounded(response: Response, limit: number): Promise<Buffer | undefined> {
   const chunks: Uint8Array[] = [];
   let size = 0;
   for await (const chunk of response.body ?? []) {
@@ -911,7 +1007,7 @@ async function readBounded(response: Response, limit: number): Promise<string | 
     }
     chunks.push(chunk);
   }
-  return Buffer.concat(chunks).toString("utf8");
+  return Buffer.concat(chunks);
 }
 
 /** MSAL passes its own AuthError through unchanged but replaces any other with a bare "network_error". */
@@ -1134,12 +1230,18 @@ export class TokenManager {
     return Math.max(1, Math.ceil((this.nextAttemptAtMs - nowMs) / SECOND));
   }
 
-  /** The upstream rejected a token: it may have been revoked or its roles changed, so get a new one now. */
+  /**
+   * The upstream rejected a token: it may have been revoked or its roles
+   * changed, so get a new one now, unless the identity provider is failing
+   * (its backoff decides when it is asked again: a fleet of sidecars in a
+   * 401 storm must not hammer it while it struggles) or was just asked.
+   */
   refreshAfterUnauthorized(): void {
     const now = Date.now();
-    if (now - this.lastUnauthorizedRefreshMs < UNAUTHORIZED_REFRESH_INTERVAL_MS) return;
+    if (this.failures !== 0 || this.inFlight !== undefined || now - this.lastUnauthorizedRefreshMs < UNAUTHORIZED_REFRESH_INTERVAL_MS) return;
     this.lastUnauthorizedRefreshMs = now;
-    void this.refresh("upstream answered 401");
+    // Through the schedule, so the floor holds: a token refused as soon as it came is asked for again a second after the last request.
+    this.schedule(0, "upstream answered 401");
   }
 
   /** Single-flight: callers during an acquisition share it. */
@@ -1188,13 +1290,14 @@ export class TokenManager {
     }
   }
 
-  private schedule(delayMs: number): void {
+  private schedule(delayMs: number, trigger = "scheduled"): void {
     if (this.stopped) return;
     const now = Date.now();
     // The floor holds whatever the schedule says: an identity provider must never be asked in a tight loop.
     delayMs = Math.max(delayMs, this.lastRequestAtMs + MIN_TOKEN_REQUEST_INTERVAL_MS - now);
     this.nextAttemptAtMs = now + delayMs;
-    this.timer = setTimeout(() => void this.refresh("scheduled"), delayMs);
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => void this.refresh(trigger), delayMs);
   }
 }
 
@@ -1462,6 +1565,9 @@ export function renderMetrics({ metrics, tokens, websocketSessionsOpen }: Metric
   if (metrics.rateLimitRemainingRequests !== undefined) lines.push(`auth_proxy_upstream_ratelimit_remaining{kind="requests"} ${metrics.rateLimitRemainingRequests}`);
   if (metrics.rateLimitRemainingTokens !== undefined) lines.push(`auth_proxy_upstream_ratelimit_remaining{kind="tokens"} ${metrics.rateLimitRemainingTokens}`);
 
+  family(lines, "auth_proxy_log_lines_dropped_total", "counter", "Log lines dropped because stdout was closed or not read fast enough.");
+  lines.push(`auth_proxy_log_lines_dropped_total ${logLinesDropped}`);
+
   processLines(lines, metrics);
   return `${lines.join("\n")}\n`;
 }
@@ -1580,7 +1686,10 @@ export function removeHopByHopHeaders(headers: Headers): void {
   if (connection !== null) {
     for (const name of connection.split(",")) {
       const trimmed = name.trim();
-      if (trimmed) headers.delete(trimmed);
+      // A listed name that is no header name (`x a`) names no header to remove; Headers.delete would throw on it.
+      try {
+        if (trimmed) headers.delete(trimmed);
+      } catch {}
     }
   }
   for (const name of HOP_BY_HOP_HEADERS) headers.delete(name);
@@ -1596,9 +1705,27 @@ export function removeHopByHopHeaders(headers: Headers): void {
  * origin.
  */
 export function requestTarget(url: string): string {
-  if (url.charCodeAt(0) === 47 /* "/" */) return url;
-  const pathStart = url.indexOf("/", url.indexOf("://") + 3);
-  return pathStart === -1 ? "/" : url.slice(pathStart);
+  const pathStart = url.charCodeAt(0) === 47 /* "/" */ ? 0 : url.indexOf("/", url.indexOf("://") + 3);
+  if (pathStart === -1) return "/";
+  const target = pathStart === 0 ? url : url.slice(pathStart);
+  // Three native scans screen out every target without a dot-segment (the hot path's); the rest are checked exactly.
+  return target.indexOf("/.") === -1 && target.indexOf("%2") === -1 && target.indexOf("\\") === -1 ? target : withoutDotSegments(target);
+}
+
+/**
+ * Bun resolves `..` and `%2e%2e` in the target only when it parses the
+ * Host header as a URL's host; with an empty or malformed one (`Host:`,
+ * `Host: %%%`, `Host: x:99999`) the target comes as it was on the wire.
+ * fetch would resolve its dot-segments against API_BASE_URL's path and
+ * climb above the prefix (`/deployments/allowed` + `/../../other` is
+ * `/other`), so they are resolved here against the root, as the URL parser
+ * does for every other request; the query is kept as sent.
+ */
+function withoutDotSegments(target: string): string {
+  const queryStart = target.indexOf("?");
+  const path = queryStart === -1 ? target : target.slice(0, queryStart);
+  if (!/(^|[/\\])(\.|%2e)/i.test(path)) return target;
+  return new URL(`http://host${path}`).pathname + (queryStart === -1 ? "" : target.slice(queryStart));
 }
 
 /** The upstream request's headers, edited in place: the request's own object is not used again. */
@@ -1630,7 +1757,7 @@ export const KEEP_ALIVE_IDLE_SECONDS = 75;
  * reaped), so it is undone when the body ends, which costs a body relay.
  */
 const LIFT_IDLE_TIMER_AFTER_MS = 30 * SECOND;
-/** A body this small with a Content-Length is written at once: it needs neither the lift nor the relay. */
+/** A body this small with a Content-Length is taken whole (`smallBodyAnswered`): it needs neither the lift nor the relay. */
 const SMALL_BODY_BYTES = 64 * 1024;
 
 function liftIdleTimer(server: ProxyServer, req: Request): void {
@@ -1732,14 +1859,10 @@ async function forward(req: Request, method: string, target: string, authorizati
     clientRequestId,
   };
   const lifted = idleTimerLifted(startedAt, headersAt);
-  const declaredLength = Number(headers.get("content-length") ?? Infinity);
-  if (!lifted && declaredLength <= SMALL_BODY_BYTES) {
-    // Written at once with the headers: its end is now, its size the one declared (none for HEAD).
-    // `response.body` is left untouched: reading it builds a JavaScript stream (3.5 % of c=64 throughput, profiled).
-    exchange.firstByteAt = headersAt;
-    exchange.bytesOut = method === "HEAD" ? 0 : declaredLength;
-    exchangeEnded(exchange, "done");
-    return response;
+  if (method === "HEAD") return headAnswered(response, exchange, lifted);
+  // Bun invents `content-type: application/octet-stream` for a body of known length that has none (oven-sh/bun#21193); a relayed body gets none.
+  if (!lifted && Number(headers.get("content-length") ?? Infinity) <= SMALL_BODY_BYTES && headers.has("content-type")) {
+    return smallBodyAnswered(response, exchange);
   }
   const body = response.body;
   if (body === null) {
@@ -1750,6 +1873,54 @@ async function forward(req: Request, method: string, target: string, authorizati
   // A stream or a large body may run for minutes: no timer until it ends, then the keep-alive timer again.
   server.timeout(req, 0);
   return new Response(relayBody(body, exchange), response);
+}
+
+/**
+ * A small body with a Content-Length mostly comes with the headers, whole:
+ * its bytes are taken at once (`Bun.peek` of an answer already in hand)
+ * and the exchange ends now, with no JavaScript stream (relaying it cost
+ * 3.5 % of c=64 throughput, profiled). One that trickles is held until
+ * its last byte, so the access line and the in-flight gauge follow the
+ * real end; a client cannot use part of a small JSON answer anyway.
+ */
+function smallBodyAnswered(response: Response, exchange: Exchange): Response | Promise<Response> {
+  const whole = response.bytes();
+  const bytes = Bun.peek(whole);
+  if (bytes instanceof Uint8Array) return bodyAnswered(response, bytes, exchange);
+  return whole.then(
+    (late) => {
+      exchange.firstByteAt = performance.now();
+      return bodyAnswered(response, late, exchange);
+    },
+    (error) => {
+      const aborted = exchange.req.signal.aborted;
+      const reason = upstreamErrorReason(error, aborted);
+      exchange.metrics.upstreamErrors[reason === "other" ? "reset" : reason] += 1;
+      if (!aborted) exchange.status = 502;
+      exchangeEnded(exchange, aborted ? "aborted" : "truncated");
+      // Nothing has reached the client yet: a body cut by the upstream is its failure, said as one.
+      return aborted ? new Response(null, { status: 499 }) : proxyError(502, "upstream_unreachable", `the upstream's answer was cut before its end: ${errorMessage(error)}`);
+    },
+  );
+}
+
+function bodyAnswered(response: Response, bytes: Uint8Array, exchange: Exchange): Response {
+  if (exchange.firstByteAt === 0) exchange.firstByteAt = exchange.headersAt;
+  exchange.bytesOut = bytes.byteLength;
+  exchangeEnded(exchange, "done");
+  return new Response(bytes, response);
+}
+
+/**
+ * HEAD: no body, and the framing a GET would have. Without Content-Length
+ * Bun answers `content-length: 0`, telling the client the resource is
+ * empty, so a resource of unknown length (served chunked) says so.
+ */
+function headAnswered(response: Response, exchange: Exchange, lifted: boolean): Response {
+  if (!response.headers.has("content-length")) response.headers.set("transfer-encoding", "chunked");
+  exchange.firstByteAt = exchange.headersAt;
+  exchangeEnded(exchange, lifted ? "rearm" : "done");
+  return response;
 }
 
 type ProxyServer = import("bun").Server<RelaySession>;
@@ -1888,7 +2059,7 @@ function writeAccessLines(): void {
 
 function writeAccessLine(exchange: Exchange): void {
   const { method, target, startedAt, endedAt, status, series, requestId, clientRequestId, end: how } = exchange;
-  reserveLog(ACCESS_LINE_BYTES + 6 * (method.length + target.length + (requestId?.length ?? 0) + (clientRequestId?.length ?? 0)));
+  if (!reserveLog(ACCESS_LINE_BYTES + 6 * (method.length + target.length + (requestId?.length ?? 0) + (clientRequestId?.length ?? 0)))) return;
   putAccessLineHead(method, target, status, startedAt, endedAt);
   putMillisField(UPSTREAM_MS, exchange.headersAt - startedAt);
   if (exchange.firstByteAt !== 0) putMillisField(TTFB_MS, exchange.firstByteAt - startedAt);
@@ -1928,7 +2099,7 @@ let accessLogEnabled = true;
 function answered(metrics: Metrics, method: string, target: string, status: number, startedAt: number, series = requestSeries(metrics, method, deploymentLabel(metrics, target))): void {
   countStatus(series, status);
   if (!accessLogEnabled) return;
-  reserveLine(ACCESS_LINE_BYTES + 6 * (method.length + target.length));
+  if (!reserveLine(ACCESS_LINE_BYTES + 6 * (method.length + target.length))) return;
   putAccessLineHead(method, target, status, startedAt, performance.now());
   putBytes(LINE_END);
 }
@@ -2106,17 +2277,25 @@ async function relayWebSocket(
   relay: Relay,
 ): Promise<Response | undefined> {
   const startedAt = performance.now();
-  if (req.method !== "GET" || !req.headers.has("sec-websocket-key") || req.headers.get("sec-websocket-version") !== "13") {
-    answered(upstream.metrics, req.method, target, 400, startedAt);
-    return proxyError(400, "bad_websocket_handshake", "a WebSocket upgrade needs GET with Sec-WebSocket-Key and Sec-WebSocket-Version: 13");
+  const protocols = upstreamSubprotocols(req.headers.get("sec-websocket-protocol"));
+  const fault = handshakeFault(req, protocols);
+  if (fault !== undefined) return badHandshake(req, target, fault, startedAt, upstream);
+  // A fragment never belongs to a request (RFC 9112 section 3.2); fetch drops it, and so does the relay.
+  const upstreamTarget = withoutCredentialParameters(withoutFragment(target));
+  const headers = upstreamHandshakeHeaders(req.headers, authorization);
+  let socket: WebSocket;
+  try {
+    socket = new WebSocket(upstream.websocketBaseUrl + upstreamTarget, {
+      headers,
+      protocols,
+      // Each hop negotiates its own extensions; compressing here would cost CPU on every audio frame.
+      perMessageDeflate: false,
+      proxy: upstream.websocketProxy,
+    });
+  } catch (error) {
+    // Bun's client refuses what it cannot send (a malformed URL or protocol): the client's handshake was at fault.
+    return badHandshake(req, target, errorMessage(error), startedAt, upstream);
   }
-  const socket = new WebSocket(upstream.websocketBaseUrl + withoutCredentialParameters(target), {
-    headers: upstreamHandshakeHeaders(req.headers, authorization),
-    protocols: upstreamSubprotocols(req.headers.get("sec-websocket-protocol")),
-    // Each hop negotiates its own extensions; compressing here would cost CPU on every audio frame.
-    perMessageDeflate: false,
-    proxy: upstream.websocketProxy,
-  });
   socket.binaryType = "nodebuffer";
   const session: RelaySession = {
     path: pathOf(target),
@@ -2138,7 +2317,7 @@ async function relayWebSocket(
   socket.onclose = (event) => upstreamClosed(session, event.code, event.reason, relay);
 
   const failure = await upstreamHandshake(socket, req.signal);
-  if (failure !== undefined) return refusedHandshake(req, target, failure, startedAt, upstream);
+  if (failure !== undefined) return refusedHandshake(req, target, { target: upstreamTarget, headers }, failure, startedAt, upstream);
 
   const protocol = socket.protocol;
   // Without an explicit header Bun answers with the client's first offer, not the upstream's choice.
@@ -2148,6 +2327,39 @@ async function relayWebSocket(
   }
   relay.sessions.add(session);
   return undefined;
+}
+
+/** A Sec-WebSocket-Key is 16 random bytes in base64 (RFC 6455 section 4.1). */
+const WEBSOCKET_KEY = /^[A-Za-z0-9+/]{22}==$/;
+/** A subprotocol is an HTTP token (RFC 6455 section 4.1, RFC 9110 section 5.6.2). */
+const HTTP_TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+
+/**
+ * What is wrong with the client's handshake, checked before any upstream
+ * session is opened with the token: a handshake the proxy could not
+ * complete with its client must not cost one upstream.
+ */
+function handshakeFault(req: Request, protocols: string[]): string | undefined {
+  if (req.method !== "GET") return "a WebSocket upgrade must be a GET";
+  if (req.headers.get("sec-websocket-version") !== "13") return "a WebSocket upgrade needs Sec-WebSocket-Version: 13";
+  if (!WEBSOCKET_KEY.test(req.headers.get("sec-websocket-key") ?? "")) return "Sec-WebSocket-Key must be 16 bytes in base64";
+  const offered = new Set<string>();
+  for (const protocol of protocols) {
+    if (!HTTP_TOKEN.test(protocol)) return "Sec-WebSocket-Protocol lists a subprotocol that is not a token";
+    if (offered.has(protocol)) return `Sec-WebSocket-Protocol offers ${protocol} twice`;
+    offered.add(protocol);
+  }
+  return undefined;
+}
+
+function badHandshake(req: Request, target: string, fault: string, startedAt: number, upstream: Upstream): Response {
+  answered(upstream.metrics, req.method, target, 400, startedAt);
+  return proxyError(400, "bad_websocket_handshake", `malformed WebSocket upgrade: ${fault}`);
+}
+
+function withoutFragment(target: string): string {
+  const hash = target.indexOf("#");
+  return hash === -1 ? target : target.slice(0, hash);
 }
 
 /** Resolves undefined once the upstream accepted, or with why it did not. */
@@ -2174,21 +2386,27 @@ function upstreamHandshake(socket: WebSocket, clientGone: AbortSignal): Promise<
 
 /**
  * Bun's WebSocket client reports a refused handshake only as "Expected 101
- * status code: 401" (the body is not available), so the client gets that
- * status with an OpenAI-shaped body naming it.
+ * status code: 302" (no headers, no body). A redirect is useless without
+ * its Location (Azure answers 302 on `*.cognitiveservices.azure.com`
+ * upgrades) and a 429 without its Retry-After, so the refusal is asked
+ * once more as a plain GET of the same target with the same headers, never
+ * followed: when it gets the same status, the client gets that answer
+ * (status, headers, body); otherwise the status with a body naming it.
  */
-function refusedHandshake(req: Request, target: string, failure: string, startedAt: number, upstream: Upstream): Response {
+async function refusedHandshake(req: Request, target: string, handshake: UpstreamHandshake, failure: string, startedAt: number, upstream: Upstream): Promise<Response> {
   const metrics = upstream.metrics;
   if (req.signal.aborted) {
     answered(metrics, req.method, target, 499, startedAt);
     return new Response(null, { status: 499 });
   }
   const status = Number(/Expected 101 status code: (\d{3})/.exec(failure)?.[1] ?? 0);
-  if (status >= 400 && status <= 599) {
+  if (status >= 300 && status <= 599) {
     if (status === 401) upstream.tokens.refreshAfterUnauthorized();
     metrics.websocketSessionsTotal.refused += 1;
+    const refusal = (await upstreamRefusal(handshake, status, req.signal, upstream)) ??
+      proxyError(status, "upstream_refused_websocket", `the upstream refused the WebSocket handshake with HTTP ${status}`);
     answered(metrics, req.method, target, status, startedAt);
-    return proxyError(status, "upstream_refused_websocket", `the upstream refused the WebSocket handshake with HTTP ${status}`);
+    return refusal;
   }
   const reason = failure.replace(/^WebSocket connection to '[^']*' failed: /, "");
   log("warn", "upstream unreachable", { upstream: upstream.origin, error: reason });
@@ -2196,6 +2414,40 @@ function refusedHandshake(req: Request, target: string, failure: string, started
   metrics.upstreamErrors[upstreamErrorReason({ message: reason }, false)] += 1;
   answered(metrics, req.method, target, 502, startedAt);
   return proxyError(502, "upstream_unreachable", `auth-proxy could not open a WebSocket to ${upstream.origin}: ${reason}`);
+}
+
+/** How long the refusal's second asking may take, and how much of its body is passed on. */
+const REFUSAL_TIMEOUT_MS = 5 * SECOND;
+const MAX_REFUSAL_BODY_BYTES = 64 * 1024;
+
+/** What the upstream handshake asked for: the target (credential parameters removed) and the headers with the bearer token. */
+interface UpstreamHandshake {
+  target: string;
+  headers: Headers;
+}
+
+/** The upstream's own answer to the refused handshake's target as a plain GET, when it is the same refusal. */
+async function upstreamRefusal(handshake: UpstreamHandshake, status: number, clientGone: AbortSignal, upstream: Upstream): Promise<Response | undefined> {
+  try {
+    const response = await fetch(upstream.apiBaseUrl + handshake.target, {
+      headers: handshake.headers,
+      // Never followed: the client decides where to go, and the token goes to the upstream's origin only.
+      redirect: "manual",
+      decompress: false,
+      signal: AbortSignal.any([clientGone, AbortSignal.timeout(REFUSAL_TIMEOUT_MS)]),
+    });
+    if (response.status !== status) {
+      void response.body?.cancel().catch(() => {});
+      return undefined;
+    }
+    const body = await readBounded(response, MAX_REFUSAL_BODY_BYTES);
+    if (body === undefined) return undefined;
+    removeHopByHopHeaders(response.headers);
+    response.headers.delete("content-length");
+    return new Response(body, { status, headers: response.headers });
+  } catch {
+    return undefined;
+  }
 }
 
 function clientOpened(client: ServerWebSocket<RelaySession>): void {
@@ -2402,6 +2654,7 @@ export function startProxy(config: Config, identity: Identity): RunningProxy {
         });
       }
       if (draining) {
+        answered(upstream.metrics, method, target, 503, performance.now());
         return proxyError(503, "shutting_down", "auth-proxy is shutting down", { connection: "close", "retry-after": "1" });
       }
       if (callerKeys !== undefined && !callerKeys.accepts(presentedCallerKey(req.headers, target))) {
@@ -2456,8 +2709,22 @@ export function startProxy(config: Config, identity: Identity): RunningProxy {
           }),
         );
 
-  async function shutdown(signal: string): Promise<void> {
-    if (draining) return;
+  let stopped: Promise<void> | undefined;
+
+  /**
+   * A second signal during the drain (kubelet's preStop and its own
+   * SIGTERM, a Ctrl-C reaching a wrapper and the proxy) is ignored: it gets
+   * the first drain's promise, so the deadline still holds.
+   */
+  function shutdown(signal: string): Promise<void> {
+    if (stopped !== undefined) {
+      log("info", "signal ignored: already shutting down", { signal });
+      return stopped;
+    }
+    return (stopped = drain(signal));
+  }
+
+  async function drain(signal: string): Promise<void> {
     draining = true;
     log("info", "shutting down", { signal, shutdown_timeout_s: config.shutdownTimeoutMs / SECOND });
     tokens.stop();
@@ -2656,7 +2923,7 @@ async function check(config: Config, identity: Identity): Promise<never> {
 
 export async function main(argv: string[]): Promise<void> {
   // Batched log lines reach stdout on every exit path, process.exit() included.
-  process.on("exit", flushLog);
+  process.on("exit", flushLogAtExit);
   let flags: Flags;
   try {
     flags = arg(FLAG_SPEC, { argv });
@@ -2682,6 +2949,7 @@ export async function main(argv: string[]): Promise<void> {
     fail([errorMessage(error)]);
   }
   if (flags["--check"]) return check(config, identity);
+  openLogOutput();
 
   let proxy: RunningProxy;
   try {

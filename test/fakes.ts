@@ -44,7 +44,7 @@ interface IssuedToken {
   clientId: string;
 }
 
-type Outage = { kind: "error"; status: number; error: string; code: number; description: string } | { kind: "hang" };
+type Outage = { kind: "error"; status: number; error: string; code: number; description: string } | { kind: "hang" } | { kind: "stall-body" };
 
 /**
  * A fake Entra ID token endpoint over HTTPS. It verifies the client
@@ -155,6 +155,11 @@ export class FakeEntraId {
     }
     if (this.outage?.kind === "hang") {
       return new Promise<Response>((resolve) => this.hanging.add(() => resolve(new Response("late", { status: 504 }))));
+    }
+    if (this.outage?.kind === "stall-body") {
+      // Headers and the start of a token response, then nothing: a load balancer that lost its backend mid-answer.
+      const body = new ReadableStream({ start: (controller) => controller.enqueue(new TextEncoder().encode('{"token_type":"Bearer",')) });
+      return new Response(body, { headers: { "content-type": "application/json" } });
     }
     if (this.outage) return this.aadError(this.outage.status, this.outage.error, this.outage.code, this.outage.description);
     if (req.method !== "POST") return this.aadError(405, "invalid_request", 900561, "The endpoint only accepts POST requests.");
@@ -640,6 +645,35 @@ export class FakeAzureOpenAI {
         res.end("headers");
         return;
       }
+      case "/test/no-content-type": {
+        // A body of known length with no Content-Type: nothing may be added to it.
+        res.removeHeader("date");
+        res.writeHead(200, { "content-length": 5 });
+        res.end(record.method === "HEAD" ? undefined : "plain");
+        return;
+      }
+      case "/test/chunked": {
+        // A resource served chunked; HEAD answers with the framing a GET has, as RFC 9110 section 9.3.2 allows.
+        res.writeHead(200, { "content-type": "text/plain", "transfer-encoding": "chunked" });
+        if (record.method === "HEAD") return void res.end();
+        res.write("chun");
+        res.end("ked");
+        return;
+      }
+      case "/test/odd-connection": {
+        // A Connection header listing a name that is no header name.
+        res.writeHead(200, { "content-type": "text/plain", connection: "keep-alive, x a" });
+        res.end("odd");
+        return;
+      }
+      case "/test/trickle": {
+        // A small body with a Content-Length whose second half comes `ms` later.
+        res.writeHead(200, { "content-type": "application/json", "content-length": 20 });
+        res.write('{"trickled":');
+        await Bun.sleep(Number(query.get("ms") ?? 1000));
+        res.end('"yes"}  ');
+        return;
+      }
       case "/test/redirect": {
         res.writeHead(302, { location: "https://elsewhere.example/steal" });
         res.end();
@@ -751,7 +785,9 @@ export class FakeRealtime {
     if (!tokenValid || forced) {
       const status = forced || 401;
       this.refused.push({ target, status });
-      return Response.json({ error: { code: String(status), message: status === 401 ? "Unauthorized. Access token is missing, invalid, audience is incorrect, or have expired." : `refused with ${status}` } }, { status });
+      // Azure answers 302 to an upgrade on the wrong endpoint, with the one to use.
+      const headers: Record<string, string> = status >= 300 && status < 400 ? { location: `wss://moved.example${url.pathname}` } : status === 429 ? { "retry-after": "7" } : {};
+      return Response.json({ error: { code: String(status), message: status === 401 ? "Unauthorized. Access token is missing, invalid, audience is incorrect, or have expired." : `refused with ${status}` } }, { status, headers });
     }
     const protocols = (req.headers.get("sec-websocket-protocol") ?? "").split(",").map((p) => p.trim()).filter(Boolean);
     const session: UpstreamSession = {

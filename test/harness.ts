@@ -30,8 +30,9 @@ export class ProxyProcess {
   readonly exited: Promise<number>;
   private readonly listeners = new Set<() => void>();
 
-  constructor(readonly proc: Subprocess<"ignore", "pipe", "pipe">) {
-    void this.pump(proc.stdout, (text) => {
+  constructor(readonly proc: Subprocess<"ignore", "pipe" | number, "pipe">) {
+    // stdout given as a file descriptor (a fifo a test reads itself) is not collected here.
+    if (typeof proc.stdout !== "number") void this.pump(proc.stdout, (text) => {
       this.stdout += text;
       for (const line of text.split("\n")) {
         if (!line.trim()) continue;
@@ -116,13 +117,13 @@ export class ProxyProcess {
 
 const running = new Set<ProxyProcess>();
 
-/** Starts a proxy with `env` and arguments, without waiting for anything. */
-export function spawnProxy(env: Record<string, string | undefined>, args: string[] = [], command = PROXY_COMMAND): ProxyProcess {
+/** Starts a proxy with `env` and arguments, without waiting for anything; `stdout` may be a file descriptor the test reads itself. */
+export function spawnProxy(env: Record<string, string | undefined>, args: string[] = [], command = PROXY_COMMAND, stdout: "pipe" | number = "pipe"): ProxyProcess {
   const proc = Bun.spawn([...command, ...args], {
     cwd: ROOT,
     env: { PATH: process.env.PATH, HOME: process.env.HOME, ...env },
     stdin: "ignore",
-    stdout: "pipe",
+    stdout,
     stderr: "pipe",
   });
   const proxy = new ProxyProcess(proc);
@@ -140,9 +141,9 @@ export function freePort(): number {
 }
 
 /** Starts a proxy on a free loopback port and waits until /live answers. */
-export async function startProxy(env: Record<string, string | undefined>, args: string[] = [], command = PROXY_COMMAND): Promise<ProxyProcess> {
+export async function startProxy(env: Record<string, string | undefined>, args: string[] = [], command = PROXY_COMMAND, stdout: "pipe" | number = "pipe"): Promise<ProxyProcess> {
   const port = freePort();
-  const proxy = spawnProxy({ HOST: "127.0.0.1", PORT: String(port), ...env }, args, command);
+  const proxy = spawnProxy({ HOST: "127.0.0.1", PORT: String(port), ...env }, args, command, stdout);
   proxy.port = port;
   const deadline = Date.now() + 10_000;
   for (;;) {

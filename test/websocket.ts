@@ -68,15 +68,19 @@ export class TestSocket {
 
 /** A raw upgrade request, for the status and body of a refused handshake. */
 export function rawUpgrade(port: number, target: string, headers: Record<string, string> = {}): Promise<RawResponse> {
-  const lines = [
-    `GET ${target} HTTP/1.1`,
-    `Host: 127.0.0.1:${port}`,
-    "Connection: Upgrade",
-    "Upgrade: websocket",
-    "Sec-WebSocket-Version: 13",
-    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-    ...Object.entries(headers).map(([name, value]) => `${name}: ${value}`),
-  ];
+  // `headers` adds to these or replaces them (by name, whatever its case).
+  const handshake: Record<string, string> = {
+    Host: `127.0.0.1:${port}`,
+    Connection: "Upgrade",
+    Upgrade: "websocket",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+  };
+  for (const [name, value] of Object.entries(headers)) {
+    for (const known of Object.keys(handshake)) if (known.toLowerCase() === name.toLowerCase()) delete handshake[known];
+    handshake[name] = value;
+  }
+  const lines = [`GET ${target} HTTP/1.1`, ...Object.entries(handshake).map(([name, value]) => `${name}: ${value}`)];
   return new Promise((resolve, reject) => {
     const socket = net.connect(port, "127.0.0.1", () => socket.write(`${lines.join("\r\n")}\r\n\r\n`));
     let text = "";
