@@ -45,9 +45,10 @@ build: build-x64
 	$(BUILD) --target=bun-linux-arm64 --outfile dist/auth-proxy-linux-arm64
 	@ls -l dist/
 
-# The whole suite against the compiled binary instead of `bun proxy.ts`.
+# The whole suite against the compiled binary instead of `bun proxy.ts`, with every API_BASE_URL
+# given as a routes file of one route `/` (test/harness.ts): the two configurations must behave alike.
 test-binary: build-x64 test-tools
-	AUTH_PROXY_BIN=$(CURDIR)/dist/auth-proxy $(BUN) test --timeout 60000
+	AUTH_PROXY_BIN=$(CURDIR)/dist/auth-proxy AUTH_PROXY_TEST_ROUTES=1 $(BUN) test --timeout 60000
 
 # What the scratch image holds, in a read-only chroot as uid 65532 (no Docker engine needed).
 image-check: build

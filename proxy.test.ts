@@ -32,7 +32,9 @@ import {
   nextCollectionMark,
   WEBSOCKET_PING_SECONDS,
   loadConfig,
+  matchRoute,
   parseCredential,
+  parseRoutes,
   refreshDelay,
   removeHopByHopHeaders,
   requestTarget,
@@ -43,7 +45,7 @@ import {
 } from "./proxy.ts";
 import { CertificateFactory, type ClientCertificate } from "./test/certificates.ts";
 import { type AppRegistration, FakeAzureOpenAI, FakeEntraId, FakeManagedIdentityEndpoint, FakeOidcIssuer, FakeRealtime, patternBytes } from "./test/fakes.ts";
-import { allOutput, freePort, type LogLine, memoryKiB, ROOT, spawnProxy, startProxy, stopAllProxies, type ProxyProcess } from "./test/harness.ts";
+import { allOutput, freePort, type LogLine, memoryKiB, ROOT, ROUTES_MODE, spawnProxy, startProxy, stopAllProxies, type ProxyProcess } from "./test/harness.ts";
 import { chunkedBodyReader, idleCloseAfterResponse, openStream, rawRequest, readSlowly, startConnectProxy } from "./test/http.ts";
 import { promtool, scrape, valueOf } from "./test/prometheus.ts";
 import { rawUpgrade, TestSocket } from "./test/websocket.ts";
@@ -117,7 +119,7 @@ let realtime: FakeRealtime;
  * after its response, not kept open for good.
  */
 const KEEP_ALIVE_WAIT_MS = (KEEP_ALIVE_IDLE_SECONDS + 15) * 1000;
-let idleConnections: Promise<{ closedAfterMs: number | undefined; response: string }[]>;
+let idleConnections: Promise<{ target: string; closedAfterMs: number | undefined; response: string }[]>;
 
 beforeAll(async () => {
   tls = certs.serverTls();
@@ -131,7 +133,9 @@ beforeAll(async () => {
   longSilences = Promise.all([read(`/test/silent?ms=${LONG_SILENCE_MS}`), read(`/test/silent-stream?ms=${LONG_SILENCE_MS}`)]);
   longSilences.catch(() => {}); // a filtered run (bun test -t) ends before they do
   const idle = (target: string, count: number) =>
-    Array.from({ length: count }, () => idleCloseAfterResponse(proxy.port, `GET ${target} HTTP/1.1\r\nHost: localhost\r\n\r\n`, KEEP_ALIVE_WAIT_MS + 40_000));
+    Array.from({ length: count }, () =>
+      idleCloseAfterResponse(proxy.port, `GET ${target} HTTP/1.1\r\nHost: localhost\r\n\r\n`, KEEP_ALIVE_WAIT_MS + 40_000).then((idle) => ({ target, ...idle })),
+    );
   idleConnections = Promise.all([
     ...idle("/openai/models", 20),
     ...idle("/test/sse?events=3", 20),
@@ -1198,6 +1202,186 @@ async function waitForFrame(client: TestSocket, predicate: (frame: string | Buff
   }
 }
 
+// ---------------------------------------------------------------- routes
+
+const OPENAI_SCOPE = "https://cognitiveservices.azure.com/.default";
+const SEARCH_SCOPE = "https://search.azure.com/.default";
+
+describe("Routes and backends", () => {
+  /** Azure OpenAI and AI Search fakes that accept only tokens issued for their own scope. */
+  let openai: FakeAzureOpenAI;
+  let search: FakeAzureOpenAI;
+  beforeAll(async () => {
+    openai = await new FakeAzureOpenAI(entra, OPENAI_SCOPE).start();
+    search = await new FakeAzureOpenAI(entra, SEARCH_SCOPE).start();
+  });
+  afterAll(async () => {
+    await openai.stop();
+    await search.stop();
+  });
+
+  /** A RAG app's routes: AI Search under /search (its own scope), Azure OpenAI under /openai (prefix kept), a longer prefix inside /search that goes elsewhere. */
+  const ragRoutes = () => `# comments are YAML's
+routes:
+  - prefix: /search
+    scope: ${SEARCH_SCOPE}
+    backends:
+      - url: ${search.url}/base/
+  - prefix: /search/special/
+    strip_prefix: false
+    backends:
+      - url: ${openai.url}
+        name: openai-eastus
+  - prefix: /openai
+    strip_prefix: false
+    backends:
+      - url: ${openai.url}
+  - prefix: /rt
+    backends:
+      - url: ${realtime.url}/prefix
+`;
+
+  const routesEnv = (file: string, overrides: Record<string, string | undefined> = {}) => baseEnv({ API_BASE_URL: undefined, AUTH_PROXY_ROUTES: file, ...overrides });
+
+  test("each route gets its own scope's token, its backend's path and the rest byte for byte; longest prefix on a segment boundary; nothing matches: 404 no_route, nothing forwarded", async () => {
+    const proxy = await startProxy(routesEnv(certs.write("rag-routes.yaml", ragRoutes())));
+    await proxy.waitForHealth();
+    const get = async (target: string) => rawRequest(proxy.port, `GET ${target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n`);
+
+    expect((await get("/search/indexes/docs/docs?api-version=2024-07-01&search=a%20b&$top=2")).status).toBe(200);
+    expect(search.received.at(-1)).toMatchObject({ target: "/base/indexes/docs/docs?api-version=2024-07-01&search=a%20b&$top=2", tokenValid: true });
+    expect((await get("/search?x=%2F")).status).toBe(200);
+    expect(search.received.at(-1)!.target).toBe("/base?x=%2F");
+    // The longer prefix wins, and keeps its prefix (strip_prefix: false) on the other API with the other scope's token.
+    expect((await get("/search/special/x?y=1")).status).toBe(200);
+    expect(openai.received.at(-1)).toMatchObject({ target: "/search/special/x?y=1", tokenValid: true });
+    const completion = await fetch(`${proxy.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21`, { method: "POST", body: JSON.stringify({ messages: [] }) });
+    expect(completion.status).toBe(200);
+    expect(openai.received.at(-1)).toMatchObject({ target: "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", tokenValid: true });
+    expect(openai.rejected + search.rejected).toBe(0);
+
+    // Segment boundaries: /searching is not /search's; /other is no route's.
+    const forwarded = openai.received.length + search.received.length;
+    for (const target of ["/searching", "/other", "/", "/rtx"]) {
+      const response = await get(target);
+      expect(response.status).toBe(404);
+      expect(JSON.parse(response.body).error).toMatchObject({ type: "auth_proxy_error", code: "no_route" });
+      proxyBodies.push(response.body);
+    }
+    expect(openai.received.length + search.received.length).toBe(forwarded);
+
+    // WebSocket upgrades are routed alike.
+    const upgrade = await rawUpgrade(proxy.port, "/rt/openai/v1/realtime?model=gpt-realtime");
+    expect(upgrade.status).toBe(101);
+    expect(realtime.sessions.at(-1)!.handshake.target).toBe("/prefix/openai/v1/realtime?model=gpt-realtime");
+
+    // The startup line lists the routes; each access line names its route; token metrics carry their scope.
+    expect(proxy.lines.find((line) => line.msg === "auth-proxy started")).toMatchObject({
+      routes: [
+        { prefix: "/search", scope: SEARCH_SCOPE, backends: [search.url] },
+        { prefix: "/search/special", scope: OPENAI_SCOPE, backends: [openai.url] },
+        { prefix: "/openai", scope: OPENAI_SCOPE, backends: [openai.url] },
+        { prefix: "/rt", scope: OPENAI_SCOPE, backends: [realtime.url] },
+      ],
+    });
+    const line = await proxy.waitForLog((entry) => entry.msg === "request" && entry.path === "/search/special/x");
+    expect(line).toMatchObject({ route: "/search/special", status: 200 });
+    expect(proxy.lines.find((entry) => entry.msg === "request" && entry.path === "/other")).toMatchObject({ status: 404 });
+    const { text, samples } = await scrape(proxy.url);
+    proxyBodies.push(text);
+    expect(valueOf(samples, "auth_proxy_token_acquisitions_total", { scope: SEARCH_SCOPE, result: "success" })).toBe(1);
+    expect(valueOf(samples, "auth_proxy_token_acquisitions_total", { scope: OPENAI_SCOPE, result: "success" })).toBe(1);
+    expect(samples.filter((sample) => sample.name === "auth_proxy_token_expiration_timestamp_seconds").map((sample) => sample.labels.scope).sort()).toEqual([OPENAI_SCOPE, SEARCH_SCOPE]);
+    expect((await promtool(["check", "metrics"], text)).exitCode).toBe(0);
+    await proxy.stop();
+  });
+
+  test("Entra ID refusing one scope: that route answers 503 while the other serves, /health names the scope, and both recover", async () => {
+    entra.refusedScopes.add(SEARCH_SCOPE);
+    try {
+      const proxy = await startProxy(routesEnv(certs.write("rag-refused.yaml", ragRoutes())));
+      await proxy.waitForLog((line) => line.msg === "token acquisition failed" && line.scope === SEARCH_SCOPE && line.aadsts === "AADSTS500011");
+      await proxy.waitForLog((line) => line.msg === "token acquired" && line.scope === OPENAI_SCOPE);
+      const health = await fetch(`${proxy.url}/health`);
+      expect(health.status).toBe(503);
+      const reason = (await readJson(health)).reason as string;
+      expect(reason).toContain(`no token for ${SEARCH_SCOPE}`);
+      expect(reason).not.toContain(`no token for ${OPENAI_SCOPE}`);
+      const refused = await fetch(`${proxy.url}/search/indexes`);
+      expect(refused.status).toBe(503);
+      expect(Number(refused.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
+      expect((await readJson(refused)).error.code).toBe("token_unavailable");
+      expect((await fetch(`${proxy.url}/openai/models`)).status).toBe(200);
+      entra.refusedScopes.delete(SEARCH_SCOPE);
+      await proxy.waitForHealth(200, 10_000);
+      expect((await fetch(`${proxy.url}/search/indexes`)).status).toBe(200);
+      expect(search.received.at(-1)!.tokenValid).toBe(true);
+      await proxy.stop();
+    } finally {
+      entra.refusedScopes.clear();
+    }
+  }, 30_000);
+
+  test("--check acquires a token for every scope and prints the routes", async () => {
+    const proxy = spawnProxy(routesEnv(certs.write("rag-check.yaml", ragRoutes())), ["--check"]);
+    expect(await proxy.exited).toBe(0);
+    const report = JSON.parse(proxy.stdout);
+    expect(Object.keys(report.scopes).sort()).toEqual([OPENAI_SCOPE, SEARCH_SCOPE]);
+    expect(report.routes.map((route: { prefix: string }) => route.prefix)).toEqual(["/search", "/search/special", "/openai", "/rt"]);
+  });
+
+  test("a JSON routes file works as YAML does", async () => {
+    const json = JSON.stringify({ routes: [{ prefix: "/search", scope: SEARCH_SCOPE, backends: [{ url: search.url }] }, { prefix: "/", backends: [{ url: openai.url }] }] });
+    const proxy = await startProxy(routesEnv(certs.write("routes.json", json)));
+    await proxy.waitForHealth();
+    expect((await fetch(`${proxy.url}/search/x`)).status).toBe(200);
+    expect(search.received.at(-1)).toMatchObject({ target: "/x", tokenValid: true });
+    expect((await fetch(`${proxy.url}/openai/models`)).status).toBe(200);
+    expect(openai.received.at(-1)).toMatchObject({ target: "/openai/models", tokenValid: true });
+    await proxy.stop();
+  });
+
+  const badFiles: [string, string, string[]][] = [
+    ["unparsable", "routes: [\n  - prefix: /x\n", ["is not YAML or JSON"]],
+    ["without routes", "backends: []\n", ["must hold `routes:`"]],
+    ["an unknown key at each level", "extra: 1\nroutes:\n  - prefix: /\n    strip: false\n    backends:\n      - url: https://a.example\n        region: eastus\n", ["extra is not a setting", "routes[0].strip is not a setting", "routes[0].backends[0].region is not a setting"]],
+    ["a malformed or missing backend URL", "routes:\n  - prefix: /a\n    backends:\n      - url: https://a.example\n  - prefix: /b\n    backends:\n      - url: not a url\n      - name: nameless\n", ["routes[1].backends[0].url=not a url is not a URL", "routes[1].backends[1].url must be the backend's URL"]],
+    ["a backend URL with a query or credentials", "routes:\n  - prefix: /\n    backends:\n      - url: https://a.example/?x=1\n      - url: https://user:pw@b.example\n", ["routes[0].backends[0].url=https://a.example/?x=1 must not have a query", "routes[0].backends[1].url must not carry credentials"]],
+    ["a prefix not starting with /, and a duplicate one", "routes:\n  - prefix: search\n    backends: [{ url: https://a.example }]\n  - prefix: /x/\n    backends: [{ url: https://a.example }]\n  - prefix: /x\n    backends: [{ url: https://a.example }]\n", ["routes[0].prefix must be a path starting with /", "routes[2].prefix /x is routes[1]'s prefix too"]],
+    ["a prefix with a dot segment", "routes:\n  - prefix: /a/../b\n    backends: [{ url: https://a.example }]\n", ["routes[0].prefix /a/../b must be plain path segments"]],
+    ["a scope that is not a /.default one", "routes:\n  - prefix: /\n    scope: https://search.azure.com/user_impersonation\n    backends: [{ url: https://a.example }]\n", ["routes[0].scope", "/.default"]],
+    ["a priority or weight that is not a positive integer", "routes:\n  - prefix: /\n    backends:\n      - url: https://a.example\n        priority: 0\n      - url: https://b.example\n        weight: 1.5\n", ["routes[0].backends[0].priority must be a positive integer", "routes[0].backends[1].weight must be a positive integer"]],
+    ["no backends", "routes:\n  - prefix: /\n    backends: []\n", ["routes[0].backends must list at least one backend"]],
+  ];
+  for (const [name, text, expected] of badFiles) {
+    test(`a routes file with ${name}: exit 1 within 2 s, one line per fault naming the file and the place`, async () => {
+      const file = certs.write(`bad-routes-${name.replace(/\W+/g, "-")}.yaml`, text);
+      const startedAt = performance.now();
+      const proxy = spawnProxy({ ...routesEnv(file), PORT: "0", HOST: "127.0.0.1" });
+      expect(await proxy.exited).toBe(1);
+      expect(performance.now() - startedAt).toBeLessThan(2000);
+      const lines = proxy.stderr.trim().split("\n");
+      // One line per fault: the scope's two expected pieces are one fault's.
+      expect(lines).toHaveLength(name.startsWith("a scope") ? 1 : expected.length);
+      for (const text of expected) expect(proxy.stderr).toContain(text);
+      for (const line of lines) expect(line).toStartWith(`auth-proxy: AUTH_PROXY_ROUTES=${file}: `);
+      expect(proxy.stderr).not.toMatch(/^\s+at /m);
+    });
+  }
+
+  test("an unreadable routes file, and one set together with API_BASE_URL, exit 1 within 2 s naming both", async () => {
+    const missing = spawnProxy({ ...routesEnv("/nonexistent/routes.yaml"), PORT: "0", HOST: "127.0.0.1" });
+    expect(await missing.exited).toBe(1);
+    expect(missing.stderr).toContain("AUTH_PROXY_ROUTES=/nonexistent/routes.yaml cannot be read (ENOENT)");
+    const both = spawnProxy({ ...routesEnv(certs.write("both.yaml", ragRoutes()), { API_BASE_URL: upstream.url }), PORT: "0", HOST: "127.0.0.1" });
+    expect(await both.exited).toBe(1);
+    expect(both.stderr).toContain("set API_BASE_URL or AUTH_PROXY_ROUTES, not both");
+    const flag = spawnProxy({ ...baseEnv(), PORT: "0", HOST: "127.0.0.1" }, ["--routes", certs.write("flag.yaml", ragRoutes())]);
+    expect(await flag.exited).toBe(1);
+    expect(flag.stderr).toContain("set API_BASE_URL or --routes, not both");
+  });
+});
+
 // ---------------------------------------------------------------- identities
 
 describe("Identities", () => {
@@ -1836,7 +2020,8 @@ describe("Logs", () => {
       // A compiled binary adds the commit it was built from: 0.1.0+81ed68d24f37.
       version: expect.stringMatching(new RegExp(`^${packageJson.version.replaceAll(".", "\\.")}(\\+[0-9a-f]+(-dirty)?)?$`)),
       listen: `127.0.0.1:${proxy.port}`,
-      upstream: upstream.url,
+      // AUTH_PROXY_TEST_ROUTES=1 runs the suite with API_BASE_URL as a routes file: the line lists that route instead.
+      ...(ROUTES_MODE ? { routes: [{ prefix: "/", scope: OPENAI_SCOPE, backends: [upstream.url] }] } : { upstream: upstream.url }),
       client_id: CLIENT_ID,
       tenant_id: entra.tenantId,
       certificate_thumbprint: thumbprintOf(appCertificate.certificatePem),
@@ -2495,9 +2680,30 @@ describe("Pure pieces", () => {
     expect(step(1003)).toBe(true);
   });
 
-  test("loadConfig drops API_BASE_URL's trailing slash and keeps its path prefix", () => {
+  test("matchRoute takes the longest prefix that matches on a segment boundary", () => {
+    const routes = [{ match: "/search/special" }, { match: "/search" }, { match: "" }];
+    const matched = (target: string) => routes.indexOf(matchRoute(routes, target)!);
+    expect(["/search", "/search/x", "/search?x=1", "/search/specialty"].map(matched)).toEqual([1, 1, 1, 1]);
+    expect(["/search/special", "/search/special/y", "/search/special?z"].map(matched)).toEqual([0, 0, 0]);
+    expect(["/searching", "/", "/openai/models"].map(matched)).toEqual([2, 2, 2]);
+    expect(matchRoute(routes.slice(0, 2), "/other")).toBeUndefined();
+  });
+
+  test("parseRoutes fills every default and keeps each backend's path", () => {
+    const { routes, faults } = parseRoutes("routes:\n  - prefix: /search/\n    backends:\n      - url: https://s.search.windows.net/base/\n  - prefix: /\n    strip_prefix: false\n    scope: https://ai.azure.com/.default\n    backends:\n      - { url: 'https://a.example:8443', name: ptu, priority: 2, weight: 3, deployments: { gpt-4o: gpt-4o-eus2 } }\n", OPENAI_SCOPE);
+    expect(faults).toEqual([]);
+    expect(routes).toEqual([
+      { prefix: "/search", stripPrefix: true, scope: OPENAI_SCOPE, backends: [{ url: "https://s.search.windows.net/base", origin: "https://s.search.windows.net", name: "s.search.windows.net", priority: 1, weight: 1, deployments: {} }] },
+      { prefix: "/", stripPrefix: false, scope: "https://ai.azure.com/.default", backends: [{ url: "https://a.example:8443", origin: "https://a.example:8443", name: "ptu", priority: 2, weight: 3, deployments: { "gpt-4o": "gpt-4o-eus2" } }] },
+    ]);
+  });
+
+  test("loadConfig makes API_BASE_URL the one route / with one backend: trailing slash dropped, path prefix kept", () => {
     const { config } = loadConfig({ AZURE_CLIENT_ID: CLIENT_ID, AZURE_TENANT_ID: "contoso.onmicrosoft.com", AZURE_CERTIFICATE_PATH: "/c.pem", API_BASE_URL: "https://r.openai.azure.com/base/" });
-    expect(config).toMatchObject({ apiBaseUrl: "https://r.openai.azure.com/base", upstreamOrigin: "https://r.openai.azure.com", host: "0.0.0.0", port: 8080, logLevel: "info", shutdownTimeoutMs: 25000, sendCertificateChain: false });
+    expect(config).toMatchObject({ routesFile: undefined, host: "0.0.0.0", port: 8080, logLevel: "info", shutdownTimeoutMs: 25000, sendCertificateChain: false });
+    expect(config!.routes).toEqual([
+      { prefix: "/", stripPrefix: true, scope: OPENAI_SCOPE, backends: [{ url: "https://r.openai.azure.com/base", origin: "https://r.openai.azure.com", name: "r.openai.azure.com", priority: 1, weight: 1, deployments: {} }] },
+    ]);
   });
 
   test("parseCredential computes the SHA-256 thumbprint and puts the leaf first in the chain", () => {
@@ -2571,8 +2777,8 @@ describe("Forwarding without timeouts", () => {
 
   test(`keep-alive connections idle after a forwarded request are closed after ${KEEP_ALIVE_IDLE_SECONDS} s, as after /live`, async () => {
     const connections = await idleConnections;
-    for (const { closedAfterMs, response } of connections) {
-      expect(response).toMatch(/^HTTP\/1\.1 (200|502)/);
+    for (const { target, closedAfterMs, response } of connections) {
+      expect(`${target}: ${response.slice(0, 12)}`).toMatch(/: HTTP\/1\.1 (200|502)/);
       // Reaped, not cut early and not kept for good.
       expect(closedAfterMs).toBeDefined();
       expect(closedAfterMs!).toBeGreaterThan((KEEP_ALIVE_IDLE_SECONDS - 5) * 1000);

@@ -307,11 +307,16 @@ export interface Config {
   federatedTokenFile: string;
   /** Send the chain as x5c, for subject-name/issuer (SNI) authentication. */
   sendCertificateChain: boolean;
-  /** API_BASE_URL without its trailing slash; the request's raw path is appended to it. */
-  apiBaseUrl: string;
-  upstreamOrigin: string;
+  /**
+   * Where requests go: the routes file's routes, or API_BASE_URL as the one
+   * route `/` with one backend (the same data, not a second path).
+   */
+  routes: RouteConfig[];
+  /** AUTH_PROXY_ROUTES (or --routes): with it, logs and metrics name routes and scopes. */
+  routesFile: string | undefined;
   host: string;
   port: number;
+  /** AZURE_SCOPE: the scope of API_BASE_URL, and of every route that names none. */
   scope: string;
   /** Without trailing slash, e.g. https://login.microsoftonline.com. */
   authorityHost: string;
@@ -333,6 +338,7 @@ const SETTINGS = {
   tenantId: { env: "AZURE_TENANT_ID", flag: "--tenant-id" },
   certificatePath: { env: "AZURE_CERTIFICATE_PATH", alias: "AZURE_CLIENT_CERTIFICATE_PATH", flag: "--certificate-path" },
   apiBaseUrl: { env: "API_BASE_URL", flag: "--api-base-url" },
+  routesFile: { env: "AUTH_PROXY_ROUTES", flag: "--routes" },
   host: { env: "HOST", flag: "--host", fallback: "0.0.0.0" },
   port: { env: "PORT", flag: "--port", fallback: "8080" },
   scope: { env: "AZURE_SCOPE", flag: "--scope", fallback: "https://cognitiveservices.azure.com/.default" },
@@ -459,7 +465,7 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
   const { mode, reason } = "error" in choice ? { mode: undefined, reason: "" } : choice;
   if (mode !== undefined) {
     const missing = REQUIRED_SETTINGS[mode]
-      .filter((name) => !raw[name].value && !(name === "clientSecret" && raw.clientSecretFile.value))
+      .filter((name) => !raw[name].value && !(name === "clientSecret" && raw.clientSecretFile.value) && !(name === "apiBaseUrl" && raw.routesFile.value))
       .map((name) => (name === "clientSecret" ? "AZURE_CLIENT_SECRET (or AZURE_CLIENT_SECRET_FILE)" : SETTINGS[name].env));
     const why = reason === DEFAULT_MODE_REASON ? "" : ` (${mode} mode: ${reason})`;
     // On AKS nobody sets these by hand: their absence means the webhook did not mutate the pod.
@@ -498,8 +504,16 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
   }
   if (!raw.host.value) errors.push(`${raw.host.source} is empty`);
 
-  if (!raw.scope.value!.endsWith("/.default") || /\s/.test(raw.scope.value!)) {
+  if (!isDefaultScope(raw.scope.value)) {
     errors.push(`${raw.scope.source}=${raw.scope.value} must be one resource's /.default scope (client credentials cannot ask for individual permissions), e.g. https://cognitiveservices.azure.com/.default`);
+  }
+  let routes: RouteConfig[] = [];
+  if (raw.routesFile.value && raw.apiBaseUrl.value) {
+    errors.push(`set ${raw.apiBaseUrl.source} or ${raw.routesFile.source}, not both: the routes file names every backend`);
+  } else if (raw.routesFile.value) {
+    routes = readRoutesFile(raw.routesFile, raw.scope.value!, errors);
+  } else if (apiBase) {
+    routes = [{ prefix: "/", stripPrefix: true, scope: raw.scope.value!, backends: [backendConfig(apiBase, undefined)] }];
   }
 
   const logLevel = raw.logLevel.value!.toLowerCase();
@@ -537,8 +551,8 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
       clientSecretFile: raw.clientSecretFile.value,
       federatedTokenFile: raw.federatedTokenFile.value ?? "",
       sendCertificateChain: sendChain!,
-      apiBaseUrl: apiBase!.origin + apiBase!.pathname.replace(/\/+$/, ""),
-      upstreamOrigin: apiBase!.origin,
+      routes,
+      routesFile: raw.routesFile.value,
       host: raw.host.value!,
       port,
       scope: raw.scope.value!,
@@ -589,6 +603,158 @@ function loadCallerKeySource(inline: RawSetting, file: RawSetting, errors: strin
     errors.push(errorMessage(error));
     return undefined;
   }
+}
+
+// ---------------------------------------------------------------- configuration: the routes file
+
+/** One backend of a route: where its requests go, and how it is chosen among the route's others. */
+export interface BackendConfig {
+  /** The URL without its trailing slash: the request's path (its route's prefix stripped) and query are appended. */
+  url: string;
+  origin: string;
+  /** Its label in logs and metrics: the file's `name`, else the URL's host. */
+  name: string;
+  /** Lower serves first (1 unless set). */
+  priority: number;
+  /** Its share among backends of the same priority (1 unless set). */
+  weight: number;
+  /** `/openai/deployments/<from>/` renamed `<to>` for this backend. */
+  deployments: Record<string, string>;
+}
+
+export interface RouteConfig {
+  /** `/` or a path without trailing slash, e.g. `/search`: its label in logs and metrics. */
+  prefix: string;
+  /** Whether the prefix is cut from the path before it is appended to a backend's URL. */
+  stripPrefix: boolean;
+  scope: string;
+  backends: BackendConfig[];
+}
+
+const ROUTE_KEYS = ["prefix", "scope", "strip_prefix", "backends"];
+const BACKEND_KEYS = ["url", "name", "priority", "weight", "deployments"];
+/** Backend names are label values: the characters of an Azure deployment name, at most 64. */
+const LABEL_VALUE = /^[A-Za-z0-9._-]{1,64}$/;
+
+/** Client credentials can ask only for one resource's `/.default` scope. */
+function isDefaultScope(scope: string | undefined): boolean {
+  return scope !== undefined && scope.endsWith("/.default") && !/\s/.test(scope);
+}
+
+export function backendConfig(url: URL, name: string | undefined, options: Partial<Pick<BackendConfig, "priority" | "weight" | "deployments">> = {}): BackendConfig {
+  return {
+    url: url.origin + url.pathname.replace(/\/+$/, ""),
+    origin: url.origin,
+    name: name ?? url.host,
+    priority: options.priority ?? 1,
+    weight: options.weight ?? 1,
+    deployments: options.deployments ?? {},
+  };
+}
+
+/** The routes file read once at start: every fault reported, each naming the file and the place (`routes[1].backends[0].url`). */
+function readRoutesFile(file: RawSetting, defaultScope: string, errors: string[]): RouteConfig[] {
+  let text: string;
+  try {
+    text = readFileSync(file.value!, "utf8");
+  } catch (error) {
+    errors.push(`${file.source}=${file.value} cannot be read (${(error as NodeJS.ErrnoException).code ?? errorMessage(error)})`);
+    return [];
+  }
+  const { routes, faults } = parseRoutes(text, defaultScope);
+  for (const fault of faults) errors.push(`${file.source}=${file.value}: ${fault}`);
+  return routes;
+}
+
+type Mapping = Record<string, unknown>;
+const isMapping = (value: unknown): value is Mapping => typeof value === "object" && value !== null && !Array.isArray(value);
+
+/** Routes from a YAML or JSON text (YAML is a superset of JSON; Bun parses it natively), and every fault found, by place. */
+export function parseRoutes(text: string, defaultScope: string): { routes: RouteConfig[]; faults: string[] } {
+  const faults: string[] = [];
+  let document: unknown;
+  try {
+    document = Bun.YAML.parse(text);
+  } catch (error) {
+    return { routes: [], faults: [`is not YAML or JSON (${errorMessage(error)})`] };
+  }
+  if (!isMapping(document) || !Array.isArray(document.routes) || document.routes.length === 0) {
+    return { routes: [], faults: ["must hold `routes:`, a list of routes, each with a prefix and its backends"] };
+  }
+  unknownKeys(document, ["routes"], "", faults);
+  const routes: RouteConfig[] = [];
+  const prefixes = new Map<string, number>();
+  document.routes.forEach((entry: unknown, index: number) => {
+    const place = `routes[${index}]`;
+    if (!isMapping(entry)) return void faults.push(`${place} must be a mapping with prefix and backends`);
+    unknownKeys(entry, ROUTE_KEYS, place, faults);
+    const prefix = routePrefix(entry.prefix, `${place}.prefix`, faults);
+    if (prefix !== undefined && prefixes.has(prefix)) faults.push(`${place}.prefix ${prefix} is routes[${prefixes.get(prefix)}]'s prefix too`);
+    if (prefix !== undefined) prefixes.set(prefix, index);
+    // A route without a scope has AZURE_SCOPE's, whose own fault is reported once, as AZURE_SCOPE's.
+    const scope = entry.scope ?? defaultScope;
+    if (entry.scope !== undefined && (typeof scope !== "string" || !isDefaultScope(scope))) {
+      faults.push(`${place}.scope ${JSON.stringify(entry.scope)} must be one resource's /.default scope, e.g. https://search.azure.com/.default`);
+    }
+    const stripPrefix = entry.strip_prefix ?? true;
+    if (typeof stripPrefix !== "boolean") faults.push(`${place}.strip_prefix must be true or false`);
+    if (!Array.isArray(entry.backends) || entry.backends.length === 0) {
+      return void faults.push(`${place}.backends must list at least one backend (- url: https://...)`);
+    }
+    const backends = entry.backends.map((backend: unknown, backendIndex: number) => parseBackend(backend, `${place}.backends[${backendIndex}]`, faults));
+    const names = backends.flatMap((backend) => (backend === undefined ? [] : [backend.name]));
+    for (const [backendIndex, name] of names.entries()) {
+      if (names.indexOf(name) !== backendIndex) faults.push(`${place}.backends[${backendIndex}] is named ${name} like another backend of the route (set name:)`);
+    }
+    if (prefix !== undefined && typeof scope === "string" && typeof stripPrefix === "boolean" && backends.every((backend) => backend !== undefined)) {
+      routes.push({ prefix, stripPrefix, scope, backends: backends as BackendConfig[] });
+    }
+  });
+  return { routes, faults };
+}
+
+function unknownKeys(mapping: Mapping, known: string[], place: string, faults: string[]): void {
+  for (const key of Object.keys(mapping)) {
+    if (!known.includes(key)) faults.push(`${place ? `${place}.` : ""}${key} is not a setting (known: ${known.join(", ")})`);
+  }
+}
+
+/** A prefix is an absolute path of plain segments; its trailing slash is dropped (`/search/` is `/search`). */
+function routePrefix(value: unknown, place: string, faults: string[]): string | undefined {
+  if (typeof value !== "string" || !value.startsWith("/")) {
+    faults.push(`${place} must be a path starting with /, e.g. /search (or / for every other path)`);
+    return undefined;
+  }
+  if (/[\s?#%\\]|\/\/|(^|\/)\.\.?(\/|$)/.test(value)) {
+    faults.push(`${place} ${value} must be plain path segments (no query, percent-encoding, backslash, empty or dot segment)`);
+    return undefined;
+  }
+  return value.length > 1 ? value.replace(/\/$/, "") : value;
+}
+
+function parseBackend(entry: unknown, place: string, faults: string[]): BackendConfig | undefined {
+  if (!isMapping(entry)) {
+    faults.push(`${place} must be a mapping with url`);
+    return undefined;
+  }
+  unknownKeys(entry, BACKEND_KEYS, place, faults);
+  const url = typeof entry.url === "string" ? parseHttpUrl({ value: entry.url, source: `${place}.url` }, faults, false) : undefined;
+  if (typeof entry.url !== "string") faults.push(`${place}.url must be the backend's URL, e.g. https://my-resource.openai.azure.com`);
+  const positive = (key: "priority" | "weight") => {
+    const value = entry[key] ?? 1;
+    if (Number.isInteger(value) && (value as number) >= 1) return value as number;
+    faults.push(`${place}.${key} must be a positive integer`);
+    return undefined;
+  };
+  const priority = positive("priority");
+  const weight = positive("weight");
+  const name = entry.name;
+  if (name !== undefined && (typeof name !== "string" || !LABEL_VALUE.test(name))) faults.push(`${place}.name must be letters, digits, '.', '_' or '-', at most 64`);
+  const deployments = entry.deployments ?? {};
+  const renames = isMapping(deployments) && Object.entries(deployments).every(([from, to]) => LABEL_VALUE.test(from) && typeof to === "string" && LABEL_VALUE.test(to));
+  if (!renames) faults.push(`${place}.deployments must map deployment names to deployment names, e.g. { gpt-4o: gpt-4o-eastus2 }`);
+  if (url === undefined || priority === undefined || weight === undefined || !renames || (name !== undefined && typeof name !== "string")) return undefined;
+  return backendConfig(url, name as string | undefined, { priority, weight, deployments: deployments as Record<string, string> });
 }
 
 // ---------------------------------------------------------------- credential (certificate mode)
@@ -715,8 +881,8 @@ function readCredentialFile(variable: string, file: string): string {
  * the same for all of them.
  */
 export interface Identity {
-  /** A fresh token from the identity provider, never from a cache, with the credential read afresh. */
-  requestToken(): Promise<HeldToken>;
+  /** A fresh token for `scope` from the identity provider, never from a cache, with the credential read afresh. */
+  requestToken(scope: string): Promise<HeldToken>;
   /** Names the credential in use, for log lines and --check: thumbprints, file names, issuer and subject; never a secret. */
   describe(): Record<string, string | undefined>;
   /** A sentence a user can act on, for failures whose own message names no cause. */
@@ -751,9 +917,9 @@ function certificateIdentity(config: Config, initial: Credential): Identity {
     },
     describe: () => ({ certificate_thumbprint: credential.thumbprintSha256, certificate_thumbprint_sha1: credential.thumbprintSha1 }),
     hint: (_error, aadsts) => (aadsts === "AADSTS700027" ? certificateMismatchHint(credential) : undefined),
-    requestToken: () => {
+    requestToken: (scope) => {
       credential = reloadCredential(config, credential);
-      return confidentialClientToken(config, {
+      return confidentialClientToken(config, scope, {
         clientCertificate: {
           thumbprintSha256: credential.thumbprintSha256,
           privateKey: credential.privateKeyPem,
@@ -796,6 +962,16 @@ export function warnIfCertificateExpiring(credential: Credential, nowMs: number)
   else if (left < CERTIFICATE_EXPIRY_WARNING_MS) log("warn", "the certificate expires soon; upload and mount a new one", { ...fields, days_left: Math.floor(left / (24 * 60 * MINUTE)) });
 }
 
+/** certificate mode: the warning at startup and daily while the certificate nears its end (whatever the number of scopes). */
+function watchCertificateExpiry(identity: Identity): ReturnType<typeof setInterval> | undefined {
+  if (identity.certificate === undefined) return undefined;
+  const warnIfExpiring = () => warnIfCertificateExpiring(identity.certificate!, Date.now());
+  warnIfExpiring();
+  const timer = setInterval(warnIfExpiring, CERTIFICATE_EXPIRY_CHECK_MS);
+  timer.unref();
+  return timer;
+}
+
 /** AADSTS700027 names no cause a user can act on; this sentence does. */
 export function certificateMismatchHint(credential: Credential): string {
   return (
@@ -812,7 +988,7 @@ function clientSecretIdentity(config: Config): Identity {
       aadsts === "AADSTS7000215"
         ? "Entra ID rejects the client secret: it is wrong, expired or deleted, or it is the secret's ID instead of its value (the portal shows the value once, when the secret is created)."
         : undefined,
-    requestToken: () => confidentialClientToken(config, { clientSecret: readClientSecret(config) }),
+    requestToken: (scope) => confidentialClientToken(config, scope, { clientSecret: readClientSecret(config) }),
   };
 }
 
@@ -878,7 +1054,7 @@ function workloadIdentity(config: Config, initial: FederatedTokenClaims): Identi
     }),
     hint: (_error, aadsts) => federatedCredentialHint(aadsts, claims, config.clientId!, file),
     // The callback, not a string: MSAL calls it for every token request, so each reads the file as the kubelet left it.
-    requestToken: () => confidentialClientToken(config, { clientAssertion: readAssertion }),
+    requestToken: (scope) => confidentialClientToken(config, scope, { clientAssertion: readAssertion }),
   };
 }
 
@@ -920,7 +1096,7 @@ function managedIdentity(config: Config): Identity {
       }
       return undefined;
     },
-    requestToken: async () => {
+    requestToken: async (scope) => {
       const msal = await loadMsal();
       application ??= new msal.ManagedIdentityApplication({
         managedIdentityIdParams: config.clientId === undefined ? undefined : { userAssignedClientId: config.clientId },
@@ -931,7 +1107,7 @@ function managedIdentity(config: Config): Identity {
       source = found === "DefaultToImds" ? "IMDS" : found;
       const obtainedAtMs = Date.now();
       // MSAL turns the scope into the resource these endpoints want (…/.default dropped).
-      return heldToken(await application.acquireToken({ resource: config.scope, forceRefresh: true }), obtainedAtMs);
+      return heldToken(await application.acquireToken({ resource: scope, forceRefresh: true }), obtainedAtMs);
     },
   };
 }
@@ -1058,7 +1234,7 @@ type ApplicationCredential =
   | { clientAssertion: () => Promise<string> };
 
 /** One client-credentials token from Entra ID with an app credential, never from a cache: every call is a real refresh. */
-async function confidentialClientToken(config: Config, credential: ApplicationCredential): Promise<HeldToken> {
+async function confidentialClientToken(config: Config, scope: string, credential: ApplicationCredential): Promise<HeldToken> {
   const msal = await loadMsal();
   const authority = `${config.authorityHost}/${config.tenantId}`;
   const application = new msal.ConfidentialClientApplication({
@@ -1078,7 +1254,7 @@ async function confidentialClientToken(config: Config, credential: ApplicationCr
     system: { networkClient: tokenNetworkClient, loggerOptions: QUIET_MSAL_LOGGER },
   });
   const obtainedAtMs = Date.now();
-  return heldToken(await application.acquireTokenByClientCredential({ scopes: [config.scope], skipCache: true }), obtainedAtMs);
+  return heldToken(await application.acquireTokenByClientCredential({ scopes: [scope], skipCache: true }), obtainedAtMs);
 }
 
 function heldToken(result: AuthenticationResult | null, obtainedAtMs: number): HeldToken {
@@ -1181,32 +1357,28 @@ export class TokenManager {
   private timer: ReturnType<typeof setTimeout> | undefined;
   private lastUnauthorizedRefreshMs = -Infinity;
   private stopped = false;
-  private expiryWarningTimer: ReturnType<typeof setInterval> | undefined;
   /** For /metrics: plain counts and times, read when scraped. */
   acquisitionsSucceeded = 0;
   acquisitionsFailed = 0;
   lastSuccessAtMs: number | undefined;
 
-  constructor(private readonly identity: Identity) {}
-
-  /** certificate mode: the certificate in use (the last good one read). */
-  get certificate(): Credential | undefined {
-    return this.identity.certificate;
-  }
+  /**
+   * `labelled` (a routes file): the scope is named in log lines, /health's
+   * reason and the token metrics, where several scopes share them.
+   */
+  constructor(
+    private readonly identity: Identity,
+    readonly scope: string,
+    readonly labelled = false,
+  ) {}
 
   start(): void {
     void this.refresh("startup");
-    if (this.identity.certificate === undefined) return;
-    const warnIfExpiring = () => warnIfCertificateExpiring(this.identity.certificate!, Date.now());
-    warnIfExpiring();
-    this.expiryWarningTimer = setInterval(warnIfExpiring, CERTIFICATE_EXPIRY_CHECK_MS);
-    this.expiryWarningTimer.unref();
   }
 
   stop(): void {
     this.stopped = true;
     clearTimeout(this.timer);
-    clearInterval(this.expiryWarningTimer);
   }
 
   /** The token to send, or undefined when none is valid now. */
@@ -1255,7 +1427,7 @@ export class TokenManager {
     clearTimeout(this.timer);
     this.lastRequestAtMs = Date.now();
     try {
-      const token = checkTokenLifetime(await this.identity.requestToken(), Date.now());
+      const token = checkTokenLifetime(await this.identity.requestToken(this.scope), Date.now());
       this.current = token;
       this.acquisitionsSucceeded += 1;
       this.lastSuccessAtMs = Date.now();
@@ -1264,6 +1436,7 @@ export class TokenManager {
       const delay = refreshDelay(token);
       this.schedule(delay);
       log("info", "token acquired", {
+        scope: this.labelled ? this.scope : undefined,
         trigger,
         expires_on: new Date(token.expiresOnMs).toISOString(),
         refresh_at: new Date(token.obtainedAtMs + delay).toISOString(),
@@ -1278,6 +1451,7 @@ export class TokenManager {
       this.schedule(delay);
       const tokenStillValid = this.usable(Date.now()) !== undefined;
       log(tokenStillValid ? "warn" : "error", "token acquisition failed", {
+        scope: this.labelled ? this.scope : undefined,
         trigger,
         aadsts,
         error: message,
@@ -1514,12 +1688,14 @@ function processLines(lines: string[], metrics: Metrics): void {
 
 interface MetricsSources {
   metrics: Metrics;
-  tokens: TokenManager;
+  /** One per scope; with a routes file each carries a `scope` label. */
+  tokens: TokenManager[];
+  certificate: Credential | undefined;
   websocketSessionsOpen: number;
 }
 
 /** The whole exposition, families in a fixed order, each with HELP and TYPE. */
-export function renderMetrics({ metrics, tokens, websocketSessionsOpen }: MetricsSources): string {
+export function renderMetrics({ metrics, tokens, certificate, websocketSessionsOpen }: MetricsSources): string {
   const lines: string[] = [];
   family(lines, "auth_proxy_build_info", "gauge", "auth-proxy's version and the Bun it runs on; always 1.");
   lines.push(`auth_proxy_build_info{version="${escapeLabel(VERSION)}",bun_version="${escapeLabel(Bun.version)}"} 1`);
@@ -1551,15 +1727,19 @@ export function renderMetrics({ metrics, tokens, websocketSessionsOpen }: Metric
   family(lines, "auth_proxy_websocket_sessions_total", "counter", "WebSocket upgrades, by result: completed (relayed and closed), refused (by the upstream), failed (upstream unreachable).");
   for (const [result, count] of Object.entries(metrics.websocketSessionsTotal)) lines.push(`auth_proxy_websocket_sessions_total{result="${result}"} ${count}`);
 
+  // With a routes file every token series names its scope: `{scope="…"}`, or `{scope="…",` before more labels.
+  const scoped = (manager: TokenManager, more = "") => (manager.labelled ? `{scope="${escapeLabel(manager.scope)}"${more ? `,${more}` : ""}}` : more ? `{${more}}` : "");
   family(lines, "auth_proxy_token_acquisitions_total", "counter", "Token requests to the identity provider, by result.");
-  lines.push(`auth_proxy_token_acquisitions_total{result="success"} ${tokens.acquisitionsSucceeded}`, `auth_proxy_token_acquisitions_total{result="failure"} ${tokens.acquisitionsFailed}`);
+  for (const manager of tokens) {
+    lines.push(`auth_proxy_token_acquisitions_total${scoped(manager, 'result="success"')} ${manager.acquisitionsSucceeded}`, `auth_proxy_token_acquisitions_total${scoped(manager, 'result="failure"')} ${manager.acquisitionsFailed}`);
+  }
   family(lines, "auth_proxy_token_expiration_timestamp_seconds", "gauge", "When the token held expires (absent while none is held).");
-  if (tokens.current !== undefined) lines.push(`auth_proxy_token_expiration_timestamp_seconds ${tokens.current.expiresOnMs / SECOND}`);
+  for (const manager of tokens) if (manager.current !== undefined) lines.push(`auth_proxy_token_expiration_timestamp_seconds${scoped(manager)} ${manager.current.expiresOnMs / SECOND}`);
   family(lines, "auth_proxy_token_last_success_timestamp_seconds", "gauge", "When the last token was acquired.");
-  if (tokens.lastSuccessAtMs !== undefined) lines.push(`auth_proxy_token_last_success_timestamp_seconds ${tokens.lastSuccessAtMs / SECOND}`);
-  if (tokens.certificate !== undefined) {
+  for (const manager of tokens) if (manager.lastSuccessAtMs !== undefined) lines.push(`auth_proxy_token_last_success_timestamp_seconds${scoped(manager)} ${manager.lastSuccessAtMs / SECOND}`);
+  if (certificate !== undefined) {
     family(lines, "auth_proxy_certificate_expiration_timestamp_seconds", "gauge", "When the client certificate in use expires (notAfter).");
-    lines.push(`auth_proxy_certificate_expiration_timestamp_seconds ${tokens.certificate.notAfter.getTime() / SECOND}`);
+    lines.push(`auth_proxy_certificate_expiration_timestamp_seconds ${certificate.notAfter.getTime() / SECOND}`);
   }
   family(lines, "auth_proxy_upstream_ratelimit_remaining", "gauge", "The upstream's x-ratelimit-remaining-requests and -tokens, as last seen.");
   if (metrics.rateLimitRemainingRequests !== undefined) lines.push(`auth_proxy_upstream_ratelimit_remaining{kind="requests"} ${metrics.rateLimitRemainingRequests}`);
@@ -1658,6 +1838,87 @@ export function presentedCallerKey(headers: Headers, target: string): string | u
   }
   const query = target.indexOf("?") === -1 ? "" : target.slice(target.indexOf("?") + 1);
   return new URLSearchParams(query).get("api-key") ?? undefined;
+}
+
+// ---------------------------------------------------------------- routes
+
+/**
+ * A route as the hot path reads it, resolved once at start from its
+ * RouteConfig: which targets it takes, its scope's token manager and its
+ * backend. API_BASE_URL is the one route `/` with one backend.
+ */
+export interface Route {
+  /** As configured (`/`, `/search`): the route's name in logs. */
+  prefix: string;
+  /** What a target starts with to be this route's: the prefix, or "" for `/`. */
+  match: string;
+  /** How many characters of the target are cut before it is appended to the backend's URL (strip_prefix). */
+  stripLength: number;
+  tokens: TokenManager;
+  backend: Backend;
+  metrics: Metrics;
+  /** With a routes file, the access line names the route. */
+  named: boolean;
+}
+
+export interface Backend {
+  /** The backend's URL without trailing slash: the forwarded path is appended. */
+  url: string;
+  /** The same URL as ws: or wss:, for WebSocket upgrades. */
+  websocketBaseUrl: string;
+  /** The outbound proxy WebSocket connections take, per HTTPS_PROXY/NO_PROXY. */
+  websocketProxy: string | undefined;
+  origin: string;
+  name: string;
+}
+
+/**
+ * The route table: one token manager per distinct scope (all from the one
+ * identity), routes longest prefix first so the first that matches is the
+ * longest.
+ */
+export function buildRoutes(config: Pick<Config, "routes" | "routesFile">, identity: Identity, metrics: Metrics, env: Environment): Route[] {
+  const managers = new Map<string, TokenManager>();
+  const named = config.routesFile !== undefined;
+  return config.routes
+    .map((route) => {
+      const tokens = managers.get(route.scope) ?? new TokenManager(identity, route.scope, named);
+      managers.set(route.scope, tokens);
+      const [backend] = route.backends;
+      const match = route.prefix === "/" ? "" : route.prefix;
+      return {
+        prefix: route.prefix,
+        match,
+        stripLength: route.stripPrefix ? match.length : 0,
+        tokens,
+        backend: {
+          url: backend!.url,
+          websocketBaseUrl: websocketBaseUrl(backend!.url),
+          websocketProxy: websocketProxyFor(backend!.url, env),
+          origin: backend!.origin,
+          name: backend!.name,
+        },
+        metrics,
+        named,
+      };
+    })
+    .sort((a, b) => b.match.length - a.match.length);
+}
+
+/** The longest prefix that matches the target on a segment boundary (`/search` takes `/search` and `/search/x`, never `/searching`). */
+export function matchRoute<R extends Pick<Route, "match">>(routes: R[], target: string): R | undefined {
+  for (const route of routes) {
+    const end = route.match.length;
+    if (!target.startsWith(route.match)) continue;
+    const next = target.charCodeAt(end);
+    if (end === target.length || next === 47 /* "/" */ || next === 63 /* "?" */) return route;
+  }
+  return undefined;
+}
+
+/** The distinct token managers of a route table, in the order of their first route. */
+function tokenManagers(routes: Route[]): TokenManager[] {
+  return [...new Set(routes.map((route) => route.tokens))];
 }
 
 // ---------------------------------------------------------------- forwarding
@@ -1790,12 +2051,19 @@ export function nextCollectionMark(inFlight: number, mark: number): number {
   return inFlight >= mark || inFlight + 2 * COLLECT_EVERY_IN_FLIGHT <= mark ? inFlight + COLLECT_EVERY_IN_FLIGHT : mark;
 }
 
+/** The target as its route's backend gets it: the prefix cut unless strip_prefix is false; the rest byte for byte. */
+function forwardedPath(route: Route, target: string): string {
+  return route.stripLength === 0 ? target : target.slice(route.stripLength);
+}
+
 /** One forwarded request, the whole hot path: rewrite headers, fetch, strip the response's hop-by-hop headers, count, relay. */
-async function forward(req: Request, method: string, target: string, authorization: string, upstream: Upstream, server: ProxyServer): Promise<Response> {
+async function forward(req: Request, method: string, target: string, authorization: string, route: Route, server: ProxyServer): Promise<Response> {
   const startedAt = performance.now();
-  const metrics = upstream.metrics;
+  const metrics = route.metrics;
+  const backend = route.backend;
+  const path = forwardedPath(route, target);
   // Taken now, while the target's characters are fresh: read after the fetch, the first touch alone cost 160-200 ns (measured in place).
-  const series = COUNTED ? requestSeries(metrics, method, deploymentLabel(metrics, target)) : UNCOUNTED_SERIES;
+  const series = COUNTED ? requestSeries(metrics, method, deploymentLabel(metrics, path)) : UNCOUNTED_SERIES;
   const lift = setTimeout(liftIdleTimer, LIFT_IDLE_TIMER_AFTER_MS, server, req);
   // Counted as declared: measuring a chunked upload would mean relaying every request body through JavaScript.
   const bytesIn = Number(req.headers.get("content-length")) || 0;
@@ -1804,7 +2072,7 @@ async function forward(req: Request, method: string, target: string, authorizati
   collectOnBurst((metrics.requestsInFlight += 1));
   let response: Response;
   try {
-    response = await fetch(upstream.apiBaseUrl + target, {
+    response = await fetch(backend.url + path, {
       method,
       headers: req.headers,
       body: req.body,
@@ -1827,15 +2095,15 @@ async function forward(req: Request, method: string, target: string, authorizati
       return new Response(null, { status: 499 });
     }
     const reason = errorMessage(error);
-    log("warn", "upstream unreachable", { upstream: upstream.origin, error: reason });
+    log("warn", "upstream unreachable", { upstream: backend.origin, error: reason });
     answered(metrics, method, target, 502, startedAt, series);
     // A request that waited long enough to have its timer lifted gets it back, as after any response.
     if (idleTimerLifted(startedAt, performance.now())) server.timeout(req, KEEP_ALIVE_IDLE_SECONDS);
-    return proxyError(502, "upstream_unreachable", `auth-proxy could not reach ${upstream.origin}: ${reason}`);
+    return proxyError(502, "upstream_unreachable", `auth-proxy could not reach ${backend.origin}: ${reason}`);
   }
   clearTimeout(lift);
   const headersAt = performance.now();
-  if (response.status === 401) upstream.tokens.refreshAfterUnauthorized();
+  if (response.status === 401) route.tokens.refreshAfterUnauthorized();
   const headers = response.headers;
   removeHopByHopHeaders(headers);
   if (COUNTED) noteRateLimits(metrics, headers);
@@ -1845,6 +2113,7 @@ async function forward(req: Request, method: string, target: string, authorizati
     server,
     method,
     target,
+    route,
     series,
     metrics,
     status: response.status,
@@ -1933,7 +2202,9 @@ interface Exchange {
   req: Request;
   server: ProxyServer;
   method: string;
+  /** As the client sent it: the access line's path. */
   target: string;
+  route: Route;
   series: RequestSeries;
   metrics: Metrics;
   /** The upstream's status; 499 when the client went away mid-body. */
@@ -2058,9 +2329,10 @@ function writeAccessLines(): void {
 }
 
 function writeAccessLine(exchange: Exchange): void {
-  const { method, target, startedAt, endedAt, status, series, requestId, clientRequestId, end: how } = exchange;
-  if (!reserveLog(ACCESS_LINE_BYTES + 6 * (method.length + target.length + (requestId?.length ?? 0) + (clientRequestId?.length ?? 0)))) return;
+  const { method, target, route, startedAt, endedAt, status, series, requestId, clientRequestId, end: how } = exchange;
+  if (!reserveLog(ACCESS_LINE_BYTES + 6 * (method.length + target.length + route.prefix.length + (requestId?.length ?? 0) + (clientRequestId?.length ?? 0)))) return;
   putAccessLineHead(method, target, status, startedAt, endedAt);
+  if (route.named) putStringField(ROUTE, route.prefix);
   putMillisField(UPSTREAM_MS, exchange.headersAt - startedAt);
   if (exchange.firstByteAt !== 0) putMillisField(TTFB_MS, exchange.firstByteAt - startedAt);
   putIntegerField(BYTES_IN, exchange.bytesIn);
@@ -2071,16 +2343,6 @@ function writeAccessLine(exchange: Exchange): void {
   putBytes(how === "aborted" ? ABORTED_END : how === "truncated" ? TRUNCATED_END : LINE_END);
 }
 
-interface Upstream {
-  apiBaseUrl: string;
-  /** API_BASE_URL as ws: or wss:, for WebSocket upgrades. */
-  websocketBaseUrl: string;
-  /** The outbound proxy WebSocket connections take, per HTTPS_PROXY/NO_PROXY. */
-  websocketProxy: string | undefined;
-  origin: string;
-  tokens: TokenManager;
-  metrics: Metrics;
-}
 
 /** The path without its query: queries can carry data the operator did not mean to log. */
 function pathOf(target: string): string {
@@ -2116,6 +2378,7 @@ const TTFB_MS = asciiBytes(',"ttfb_ms":');
 const BYTES_IN = asciiBytes(',"bytes_in":');
 const BYTES_OUT = asciiBytes(',"bytes_out":');
 const DEPLOYMENT = asciiBytes(',"deployment":');
+const ROUTE = asciiBytes(',"route":');
 const REQUEST_ID = asciiBytes(',"request_id":');
 const CLIENT_REQUEST_ID = asciiBytes(',"client_request_id":');
 const LINE_END = asciiBytes("}\n");
@@ -2273,28 +2536,28 @@ async function relayWebSocket(
   server: ProxyServer,
   target: string,
   authorization: string,
-  upstream: Upstream,
+  route: Route,
   relay: Relay,
 ): Promise<Response | undefined> {
   const startedAt = performance.now();
   const protocols = upstreamSubprotocols(req.headers.get("sec-websocket-protocol"));
   const fault = handshakeFault(req, protocols);
-  if (fault !== undefined) return badHandshake(req, target, fault, startedAt, upstream);
+  if (fault !== undefined) return badHandshake(req, target, fault, startedAt, route);
   // A fragment never belongs to a request (RFC 9112 section 3.2); fetch drops it, and so does the relay.
-  const upstreamTarget = withoutCredentialParameters(withoutFragment(target));
+  const upstreamTarget = withoutCredentialParameters(withoutFragment(forwardedPath(route, target)));
   const headers = upstreamHandshakeHeaders(req.headers, authorization);
   let socket: WebSocket;
   try {
-    socket = new WebSocket(upstream.websocketBaseUrl + upstreamTarget, {
+    socket = new WebSocket(route.backend.websocketBaseUrl + upstreamTarget, {
       headers,
       protocols,
       // Each hop negotiates its own extensions; compressing here would cost CPU on every audio frame.
       perMessageDeflate: false,
-      proxy: upstream.websocketProxy,
+      proxy: route.backend.websocketProxy,
     });
   } catch (error) {
     // Bun's client refuses what it cannot send (a malformed URL or protocol): the client's handshake was at fault.
-    return badHandshake(req, target, errorMessage(error), startedAt, upstream);
+    return badHandshake(req, target, errorMessage(error), startedAt, route);
   }
   socket.binaryType = "nodebuffer";
   const session: RelaySession = {
@@ -2317,7 +2580,7 @@ async function relayWebSocket(
   socket.onclose = (event) => upstreamClosed(session, event.code, event.reason, relay);
 
   const failure = await upstreamHandshake(socket, req.signal);
-  if (failure !== undefined) return refusedHandshake(req, target, { target: upstreamTarget, headers }, failure, startedAt, upstream);
+  if (failure !== undefined) return refusedHandshake(req, target, { target: upstreamTarget, headers }, failure, startedAt, route);
 
   const protocol = socket.protocol;
   // Without an explicit header Bun answers with the client's first offer, not the upstream's choice.
@@ -2352,8 +2615,8 @@ function handshakeFault(req: Request, protocols: string[]): string | undefined {
   return undefined;
 }
 
-function badHandshake(req: Request, target: string, fault: string, startedAt: number, upstream: Upstream): Response {
-  answered(upstream.metrics, req.method, target, 400, startedAt);
+function badHandshake(req: Request, target: string, fault: string, startedAt: number, route: Route): Response {
+  answered(route.metrics, req.method, target, 400, startedAt);
   return proxyError(400, "bad_websocket_handshake", `malformed WebSocket upgrade: ${fault}`);
 }
 
@@ -2393,27 +2656,27 @@ function upstreamHandshake(socket: WebSocket, clientGone: AbortSignal): Promise<
  * followed: when it gets the same status, the client gets that answer
  * (status, headers, body); otherwise the status with a body naming it.
  */
-async function refusedHandshake(req: Request, target: string, handshake: UpstreamHandshake, failure: string, startedAt: number, upstream: Upstream): Promise<Response> {
-  const metrics = upstream.metrics;
+async function refusedHandshake(req: Request, target: string, handshake: UpstreamHandshake, failure: string, startedAt: number, route: Route): Promise<Response> {
+  const metrics = route.metrics;
   if (req.signal.aborted) {
     answered(metrics, req.method, target, 499, startedAt);
     return new Response(null, { status: 499 });
   }
   const status = Number(/Expected 101 status code: (\d{3})/.exec(failure)?.[1] ?? 0);
   if (status >= 300 && status <= 599) {
-    if (status === 401) upstream.tokens.refreshAfterUnauthorized();
+    if (status === 401) route.tokens.refreshAfterUnauthorized();
     metrics.websocketSessionsTotal.refused += 1;
-    const refusal = (await upstreamRefusal(handshake, status, req.signal, upstream)) ??
+    const refusal = (await upstreamRefusal(handshake, status, req.signal, route)) ??
       proxyError(status, "upstream_refused_websocket", `the upstream refused the WebSocket handshake with HTTP ${status}`);
     answered(metrics, req.method, target, status, startedAt);
     return refusal;
   }
   const reason = failure.replace(/^WebSocket connection to '[^']*' failed: /, "");
-  log("warn", "upstream unreachable", { upstream: upstream.origin, error: reason });
+  log("warn", "upstream unreachable", { upstream: route.backend.origin, error: reason });
   metrics.websocketSessionsTotal.failed += 1;
   metrics.upstreamErrors[upstreamErrorReason({ message: reason }, false)] += 1;
   answered(metrics, req.method, target, 502, startedAt);
-  return proxyError(502, "upstream_unreachable", `auth-proxy could not open a WebSocket to ${upstream.origin}: ${reason}`);
+  return proxyError(502, "upstream_unreachable", `auth-proxy could not open a WebSocket to ${route.backend.origin}: ${reason}`);
 }
 
 /** How long the refusal's second asking may take, and how much of its body is passed on. */
@@ -2427,9 +2690,9 @@ interface UpstreamHandshake {
 }
 
 /** The upstream's own answer to the refused handshake's target as a plain GET, when it is the same refusal. */
-async function upstreamRefusal(handshake: UpstreamHandshake, status: number, clientGone: AbortSignal, upstream: Upstream): Promise<Response | undefined> {
+async function upstreamRefusal(handshake: UpstreamHandshake, status: number, clientGone: AbortSignal, route: Route): Promise<Response | undefined> {
   try {
-    const response = await fetch(upstream.apiBaseUrl + handshake.target, {
+    const response = await fetch(route.backend.url + handshake.target, {
       headers: handshake.headers,
       // Never followed: the client decides where to go, and the token goes to the upstream's origin only.
       redirect: "manual",
@@ -2592,25 +2855,25 @@ function listen<T>(address: string, start: () => T): T {
 }
 
 export function startProxy(config: Config, identity: Identity): RunningProxy {
-  const tokens = new TokenManager(identity);
   const metrics = newMetrics();
-  const upstream: Upstream = {
-    apiBaseUrl: config.apiBaseUrl,
-    websocketBaseUrl: websocketBaseUrl(config.apiBaseUrl),
-    websocketProxy: websocketProxyFor(config.apiBaseUrl, process.env),
-    origin: config.upstreamOrigin,
-    tokens,
-    metrics,
-  };
+  const routes = buildRoutes(config, identity, metrics, process.env);
+  const tokens = tokenManagers(routes);
   const relay: Relay = { sessions: new Set(), metrics, onIdle: undefined };
   const callerKeys = config.callerKeys === undefined ? undefined : new CallerKeys(config.callerKeys);
   const callerKeysPoll = callerKeys === undefined ? undefined : setInterval(() => callerKeys.reloadIfChanged(), CALLER_KEYS_FILE_POLL_MS);
   callerKeysPoll?.unref();
   let draining = false;
 
+  /** Why a scope has no token; with several scopes, which one it is. */
+  function tokenUnavailableReason(manager: TokenManager): string {
+    return tokens.length > 1 ? `no token for ${manager.scope}: ${manager.unavailableReason()}` : manager.unavailableReason();
+  }
+
+  /** Ready only while every scope's token is held: each route without one would answer 503. */
   function health(method: string): Response {
     const now = Date.now();
-    const reason = draining ? "shutting down" : tokens.usable(now) ? undefined : tokens.unavailableReason();
+    const missing = tokens.filter((manager) => manager.usable(now) === undefined);
+    const reason = draining ? "shutting down" : missing.length === 0 ? undefined : missing.map(tokenUnavailableReason).join("; ");
     const body = reason === undefined ? '{"status":"ok"}' : JSON.stringify({ status: "unavailable", reason });
     return new Response(method === "HEAD" ? null : body, { status: reason === undefined ? 200 : 503, headers: JSON_HEADERS });
   }
@@ -2620,7 +2883,7 @@ export function startProxy(config: Config, identity: Identity): RunningProxy {
   }
 
   function metricsPage(method: string): Response {
-    const text = renderMetrics({ metrics, tokens, websocketSessionsOpen: relay.sessions.size });
+    const text = renderMetrics({ metrics, tokens, certificate: identity.certificate, websocketSessionsOpen: relay.sessions.size });
     return new Response(method === "HEAD" ? null : text, { headers: METRICS_HEADERS });
   }
 
@@ -2647,32 +2910,37 @@ export function startProxy(config: Config, identity: Identity): RunningProxy {
       if (own !== undefined) return own;
       // A reverse proxy, not a tunnel: CONNECT would ask it to open a socket to any host, TRACE echoes the request (and its keys).
       if (method === "CONNECT" || method === "TRACE") {
-        answered(upstream.metrics, method, target, 405, performance.now());
+        answered(metrics, method, target, 405, performance.now());
         return proxyError(405, "method_not_allowed", `auth-proxy is a reverse proxy; it does not forward ${method}`, {
           allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
           connection: "close",
         });
       }
       if (draining) {
-        answered(upstream.metrics, method, target, 503, performance.now());
+        answered(metrics, method, target, 503, performance.now());
         return proxyError(503, "shutting_down", "auth-proxy is shutting down", { connection: "close", "retry-after": "1" });
       }
       if (callerKeys !== undefined && !callerKeys.accepts(presentedCallerKey(req.headers, target))) {
-        answered(upstream.metrics, method, target, 401, performance.now());
+        answered(metrics, method, target, 401, performance.now());
         return proxyError(401, "invalid_api_key", "auth-proxy requires a valid caller key (PROXY_API_KEYS) in the api-key header or as Authorization: Bearer <key>", {
           "www-authenticate": 'Bearer realm="auth-proxy"',
         });
       }
+      const route = matchRoute(routes, target);
+      if (route === undefined) {
+        answered(metrics, method, target, 404, performance.now());
+        return proxyError(404, "no_route", `no route of ${config.routesFile} takes ${pathOf(target)}`);
+      }
       const now = Date.now();
-      const token = tokens.usable(now);
+      const token = route.tokens.usable(now);
       if (token === undefined) {
-        answered(upstream.metrics, method, target, 503, performance.now());
-        return proxyError(503, "token_unavailable", `auth-proxy holds no valid Azure AD token: ${tokens.unavailableReason()}`, {
-          "retry-after": String(tokens.retryAfterSeconds(now)),
+        answered(metrics, method, target, 503, performance.now());
+        return proxyError(503, "token_unavailable", `auth-proxy holds no valid Azure AD token: ${tokenUnavailableReason(route.tokens)}`, {
+          "retry-after": String(route.tokens.retryAfterSeconds(now)),
         });
       }
-      if (isWebSocketUpgrade(req.headers)) return relayWebSocket(req, server, target, token.authorization, upstream, relay);
-      return forward(req, method, target, token.authorization, upstream, server);
+      if (isWebSocketUpgrade(req.headers)) return relayWebSocket(req, server, target, token.authorization, route, relay);
+      return forward(req, method, target, token.authorization, route, server);
     },
     websocket: {
       data: {} as RelaySession,
@@ -2727,7 +2995,8 @@ export function startProxy(config: Config, identity: Identity): RunningProxy {
   async function drain(signal: string): Promise<void> {
     draining = true;
     log("info", "shutting down", { signal, shutdown_timeout_s: config.shutdownTimeoutMs / SECOND });
-    tokens.stop();
+    for (const manager of tokens) manager.stop();
+    clearInterval(certificateWatch);
     clearInterval(callerKeysPoll);
     // server.stop() waits for in-flight requests but has hung on idle
     // keep-alive sockets (oven-sh/bun#37074) and never ends open WebSockets:
@@ -2752,7 +3021,8 @@ export function startProxy(config: Config, identity: Identity): RunningProxy {
     log("info", "stopped", { drained: clean });
   }
 
-  tokens.start();
+  for (const manager of tokens) manager.start();
+  const certificateWatch = watchCertificateExpiry(identity);
   return { server, admin, shutdown };
 }
 
@@ -2771,7 +3041,8 @@ Flags override the environment variables named beside them:
   --client-id <id>          AZURE_CLIENT_ID          application (client) ID; managed identity: a user-assigned one's
   --tenant-id <id>          AZURE_TENANT_ID          tenant ID or domain (not for managed identity)
   --certificate-path <file> AZURE_CERTIFICATE_PATH   PEM with certificate and private key (certificate mode)
-  --api-base-url <url>      API_BASE_URL             upstream, e.g. https://x.openai.azure.com (required)
+  --api-base-url <url>      API_BASE_URL             upstream, e.g. https://x.openai.azure.com (this or --routes)
+  --routes <file>           AUTH_PROXY_ROUTES        YAML or JSON routes: a prefix, scope and backends each (this or --api-base-url)
   --host <addr>             HOST                     listen address (0.0.0.0)
   --port <n>                PORT                     listen port (8080)
   --scope <scope>           AZURE_SCOPE              (https://cognitiveservices.azure.com/.default)
@@ -2804,6 +3075,7 @@ const FLAG_SPEC = {
   "--tenant-id": String,
   "--certificate-path": String,
   "--api-base-url": String,
+  "--routes": String,
   "--host": String,
   "--port": String,
   "--scope": String,
@@ -2895,17 +3167,30 @@ function identitySummary(config: Config, identity: Identity): Record<string, str
   };
 }
 
+/** With a routes file: each route's prefix, scope and backends' origins, for the startup line and --check. */
+function routesSummary(config: Config): Record<string, unknown> {
+  if (config.routesFile === undefined) return { upstream: config.routes[0]!.backends[0]!.origin };
+  return {
+    routes_file: config.routesFile,
+    routes: config.routes.map((route) => ({ prefix: route.prefix, scope: route.scope, backends: route.backends.map((backend) => backend.origin) })),
+  };
+}
+
+/** One token for every distinct scope, in the order of their first route: all must come, as /health requires. */
 async function check(config: Config, identity: Identity): Promise<never> {
+  const scopes = [...new Set(config.routes.map((route) => route.scope))];
+  let scope = scopes[0]!;
   try {
-    const token = checkTokenLifetime(await identity.requestToken(), Date.now());
+    const expiries: Record<string, string> = {};
+    for (scope of scopes) expiries[scope] = new Date(checkTokenLifetime(await identity.requestToken(scope), Date.now()).expiresOnMs).toISOString();
     const { certificate_thumbprint, ...summary } = identitySummary(config, identity);
     const report = {
       status: "ok",
       ...summary,
       certificate_thumbprint_sha256: certificate_thumbprint,
-      scope: config.scope,
+      ...(scopes.length === 1 ? { scope, token_expires_on: expiries[scope] } : {}),
+      ...(config.routesFile === undefined ? {} : { scopes: expiries, ...routesSummary(config) }),
       token_endpoint: config.authMode === "managed-identity" ? undefined : tokenEndpoint(config),
-      token_expires_on: new Date(token.expiresOnMs).toISOString(),
     };
     process.stdout.write(JSON.stringify(report, null, 2) + "\n");
     process.exit(0);
@@ -2914,7 +3199,7 @@ async function check(config: Config, identity: Identity): Promise<never> {
     const certificate = identity.certificate;
     const hint = identity.hint(error, aadsts);
     fail([
-      `--check failed (${config.authMode} mode): ${aadsts && !message.includes(aadsts) ? `${aadsts}: ` : ""}${message}` +
+      `--check failed (${config.authMode} mode${scopes.length > 1 ? `, scope ${scope}` : ""}): ${aadsts && !message.includes(aadsts) ? `${aadsts}: ` : ""}${message}` +
         (certificate ? ` (certificate SHA-256 ${certificate.thumbprintSha256}, SHA-1 ${certificate.thumbprintSha1})` : "") +
         (hint ? ` ${hint}` : ""),
     ]);
@@ -2964,13 +3249,15 @@ export async function main(argv: string[]): Promise<void> {
   log("info", "auth-proxy started", {
     version: VERSION,
     listen: `${config.host}:${proxy.server.port}`,
-    upstream: config.upstreamOrigin,
+    ...routesSummary(config),
     ...identitySummary(config, identity),
     admin_listen: proxy.admin === undefined ? undefined : `${config.adminHost}:${proxy.admin.port}`,
     caller_keys: config.callerKeys === undefined ? "off" : "file" in config.callerKeys ? "PROXY_API_KEYS_FILE" : "PROXY_API_KEYS",
   });
-  if (config.apiBaseUrl.startsWith("http:") && !/^http:\/\/(localhost|127\.|\[::1\])/.test(config.apiBaseUrl)) {
-    log("warn", "API_BASE_URL is plain http: the bearer token crosses the network unencrypted");
+  for (const backend of config.routes.flatMap((route) => route.backends)) {
+    if (backend.url.startsWith("http:") && !/^http:\/\/(localhost|127\.|\[::1\])/.test(backend.url)) {
+      log("warn", `${config.routesFile === undefined ? "API_BASE_URL" : `backend ${backend.origin}`} is plain http: the bearer token crosses the network unencrypted`);
+    }
   }
 }
 

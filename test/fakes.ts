@@ -42,6 +42,8 @@ export const TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange";
 interface IssuedToken {
   expiresAtMs: number;
   clientId: string;
+  /** The scope it was issued for ("" for managed identity resources): an API accepts only its own. */
+  scope: string;
 }
 
 type Outage = { kind: "error"; status: number; error: string; code: number; description: string } | { kind: "hang" } | { kind: "stall-body" };
@@ -69,6 +71,8 @@ export class FakeEntraId {
   outage: Outage | undefined;
   /** The scope of every token request, in order. */
   readonly scopes: string[] = [];
+  /** Scopes refused as an unknown resource (AADSTS500011), as Entra answers a scope whose API is not in the tenant. */
+  readonly refusedScopes = new Set<string>();
   /** Token requests per client id, with the time of each. */
   readonly requestTimes = new Map<string, number[]>();
   private readonly seenJti = new Set<string>();
@@ -120,15 +124,16 @@ export class FakeEntraId {
   }
 
   /** Issues an access token for `clientId`: the token endpoint's, and what the managed identity endpoints hand out. */
-  mint(clientId: string, lifetimeSeconds: number): string {
+  mint(clientId: string, lifetimeSeconds: number, scope = ""): string {
     const token = `fake-at-${b64url(randomBytes(24))}`;
-    this.issued.set(token, { expiresAtMs: Date.now() + lifetimeSeconds * 1000, clientId });
+    this.issued.set(token, { expiresAtMs: Date.now() + lifetimeSeconds * 1000, clientId, scope });
     return token;
   }
 
-  isValid(token: string): boolean {
+  /** Whether `token` was issued here and is still valid, and, when `scope` is given, issued for that scope (as each Azure API checks its audience). */
+  isValid(token: string, scope?: string): boolean {
     const issued = this.issued.get(token);
-    return issued !== undefined && Date.now() < issued.expiresAtMs;
+    return issued !== undefined && Date.now() < issued.expiresAtMs && (scope === undefined || issued.scope === scope);
   }
 
   private aadError(status: number, error: string, code: number, description: string): Response {
@@ -182,6 +187,9 @@ export class FakeEntraId {
     if (!scope.split(" ").some((s) => s.endsWith("/.default"))) {
       return this.aadError(400, "invalid_scope", 1002012, `The provided value for scope ${scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.`);
     }
+    if (this.refusedScopes.has(scope)) {
+      return this.aadError(400, "invalid_resource", 500011, `The resource principal named ${scope.replace(/\/\.default$/, "")} was not found in the tenant named ${this.tenantId}.`);
+    }
     const secret = form.get("client_secret");
     if (secret !== null) {
       this.clientSecrets.push(secret);
@@ -201,7 +209,7 @@ export class FakeEntraId {
     if (app.answer) return app.answer();
 
     const lifetime = app.tokenLifetimeSeconds ?? this.tokenLifetimeSeconds;
-    const token = this.mint(clientId, lifetime);
+    const token = this.mint(clientId, lifetime, scope);
     return Response.json({
       token_type: "Bearer",
       expires_in: lifetime,
@@ -463,7 +471,11 @@ export class FakeAzureOpenAI {
   private server: http.Server | undefined;
   port = 0;
 
-  constructor(private readonly entra: FakeEntraId | undefined) {}
+  /** `scope`: accept only tokens issued for it, as Azure OpenAI and AI Search each accept only their own audience. */
+  constructor(
+    private readonly entra: FakeEntraId | undefined,
+    private readonly scope?: string,
+  ) {}
 
   start(): Promise<this> {
     this.server = http.createServer((req, res) => void this.handle(req, res));
@@ -523,7 +535,7 @@ export class FakeAzureOpenAI {
     record.bodySha256 = hash.digest("hex");
 
     const bearer = /^Bearer (.+)$/.exec(req.headers.authorization ?? "")?.[1];
-    record.tokenValid = bearer !== undefined && (this.entra?.isValid(bearer) ?? true);
+    record.tokenValid = bearer !== undefined && (this.entra?.isValid(bearer, this.scope) ?? true);
     if (!record.tokenValid) {
       this.rejected += 1;
       res.writeHead(401, { "content-type": "application/json", "www-authenticate": 'Bearer error="invalid_token"' });
@@ -849,4 +861,106 @@ export function patternBytes(size: number, seed = 0): Buffer {
   const bytes = Buffer.allocUnsafe(size);
   for (let index = 0; index < size; index++) bytes[index] = (index + seed) % 251;
   return bytes;
+}
+
+// ---------------------------------------------------------------- a backend whose answers a test scripts
+
+export interface ScriptedAnswer {
+  status: number;
+  headers?: Record<string, string>;
+  body?: string;
+  /** Milliseconds before the answer is sent. */
+  delayMs?: number;
+  /** Send `body` as SSE events this many ms apart (one per line of `body`). */
+  eventIntervalMs?: number;
+}
+
+export interface ScriptedRequest {
+  method: string;
+  target: string;
+  headers: Record<string, string>;
+  bodySha256: string;
+  bodyLength: number;
+  /** False when the client went away before the answer was sent. */
+  answered: boolean;
+}
+
+/**
+ * One deployment of a backend pool: answers each request with the next
+ * scripted answer (or `fallback`), records what it received (body hashed),
+ * and accepts WebSocket upgrades unless the script says otherwise (a
+ * scripted status refuses the handshake with it).
+ */
+export class ScriptedBackend {
+  readonly received: ScriptedRequest[] = [];
+  readonly script: ScriptedAnswer[] = [];
+  fallback: ScriptedAnswer = { status: 200, headers: { "content-type": "application/json" } };
+  private server: ReturnType<typeof Bun.serve<undefined>> | undefined;
+
+  constructor(readonly name: string) {}
+
+  start(): this {
+    this.server = Bun.serve<undefined>({
+      hostname: "127.0.0.1",
+      port: 0,
+      idleTimeout: 0,
+      fetch: (req, server) => this.answer(req, server),
+      websocket: { message: (ws, message) => void ws.send(message), open: (ws) => void ws.send(`hello from ${this.name}`) },
+    });
+    return this;
+  }
+
+  stop(): void {
+    this.server?.stop(true);
+  }
+
+  get url(): string {
+    return `http://127.0.0.1:${this.server!.port}`;
+  }
+
+  get port(): number {
+    return this.server!.port!;
+  }
+
+  /** Appends answers to the script; `answer(429, ...)` etc. */
+  then(...answers: ScriptedAnswer[]): this {
+    this.script.push(...answers);
+    return this;
+  }
+
+  private async answer(req: Request, server: import("bun").Server<undefined>): Promise<Response | undefined> {
+    const url = new URL(req.url);
+    const body = new Uint8Array(await req.arrayBuffer());
+    const record: ScriptedRequest = {
+      method: req.method,
+      target: url.pathname + url.search,
+      headers: Object.fromEntries(req.headers),
+      bodySha256: createHash("sha256").update(body).digest("hex"),
+      bodyLength: body.byteLength,
+      answered: false,
+    };
+    this.received.push(record);
+    const scripted = this.script.shift() ?? this.fallback;
+    if (scripted.delayMs) await Bun.sleep(scripted.delayMs);
+    if (req.signal.aborted) return new Response(null, { status: 499 });
+    record.answered = true;
+    if (req.headers.get("upgrade")?.toLowerCase() === "websocket" && scripted.status === 200) {
+      return server.upgrade(req) ? undefined : new Response("upgrade failed", { status: 400 });
+    }
+    const headers = { "x-backend": this.name, ...scripted.headers };
+    if (scripted.eventIntervalMs !== undefined) {
+      const events = (scripted.body ?? "").split("\n");
+      const stream = new ReadableStream<Uint8Array>({
+        async pull(controller) {
+          const event = events.shift();
+          if (event === undefined) return controller.close();
+          controller.enqueue(new TextEncoder().encode(`data: ${event}\n\n`));
+          await Bun.sleep(scripted.eventIntervalMs!);
+        },
+      });
+      return new Response(stream, { status: scripted.status, headers: { "content-type": "text/event-stream", ...headers } });
+    }
+    const text = scripted.body ?? JSON.stringify({ backend: this.name, target: record.target, bodySha256: record.bodySha256 });
+    return new Response(text, { status: scripted.status, headers });
+  }
 }

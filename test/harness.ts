@@ -3,7 +3,8 @@
  * everything it prints so tests can assert on log lines and prove that no
  * secret ever appears in them.
  */
-import { readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
 
@@ -117,11 +118,32 @@ export class ProxyProcess {
 
 const running = new Set<ProxyProcess>();
 
+/**
+ * AUTH_PROXY_TEST_ROUTES=1 runs every test with its API_BASE_URL given as a
+ * routes file of one route `/` with that one backend (AZURE_SCOPE still the
+ * scope): the contract says the two behave alike, and the whole suite is
+ * the proof. A malformed API_BASE_URL, or one a test passes as a flag, is
+ * left as it is: its own error is what such a test is about.
+ */
+export const ROUTES_MODE = process.env.AUTH_PROXY_TEST_ROUTES === "1";
+const routesDir = ROUTES_MODE ? mkdtempSync(join(tmpdir(), "auth-proxy-routes-")) : "";
+let routesFiles = 0;
+
+function asRoutesFile(env: Record<string, string | undefined>, args: string[]): Record<string, string | undefined> {
+  const base = env.API_BASE_URL;
+  if (!ROUTES_MODE || base === undefined || env.AUTH_PROXY_ROUTES !== undefined || args.some((flag) => /^--(api-base-url|routes)/.test(flag))) return env;
+  const url = URL.parse(base);
+  if (url === null || !/^https?:$/.test(url.protocol) || url.search || url.hash || url.username) return env;
+  const file = join(routesDir, `routes-${(routesFiles += 1)}.json`);
+  writeFileSync(file, JSON.stringify({ routes: [{ prefix: "/", backends: [{ url: base }] }] }));
+  return { ...env, API_BASE_URL: undefined, AUTH_PROXY_ROUTES: file };
+}
+
 /** Starts a proxy with `env` and arguments, without waiting for anything; `stdout` may be a file descriptor the test reads itself. */
 export function spawnProxy(env: Record<string, string | undefined>, args: string[] = [], command = PROXY_COMMAND, stdout: "pipe" | number = "pipe"): ProxyProcess {
   const proc = Bun.spawn([...command, ...args], {
     cwd: ROOT,
-    env: { PATH: process.env.PATH, HOME: process.env.HOME, ...env },
+    env: { PATH: process.env.PATH, HOME: process.env.HOME, ...asRoutesFile(env, args) },
     stdin: "ignore",
     stdout,
     stderr: "pipe",
