@@ -62,6 +62,7 @@ bench: build-x64
 	@missing=; for tool in wrk nginx taskset; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then echo "installing wrk and nginx (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx util-linux >/dev/null; fi
 	X64_TARGET=$(X64_TARGET) $(BUN) bench/run.ts
+	$(BUN) bench/pool-load.ts
 
 # The working tree's build against BASE's (a git ref, default HEAD), side by side in alternating rounds:
 # what a change costs, measured against its own baseline on the same machine at the same time.

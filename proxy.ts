@@ -86,16 +86,11 @@ export function openLogOutput(): void {
   } catch {}
 }
 
-/**
- * The turn's write, scheduled by its first line. A timer, not
- * setImmediate: an immediate queued as the proxy went idle (after a
- * refused WebSocket handshake's answer) waited for the next event, leaving
- * its line unwritten for as long as no request came (measured on 1.4.5).
- */
+/** The turn's write, scheduled by its first line. */
 function scheduleFlush(): void {
   if (flushScheduled) return;
   flushScheduled = true;
-  setTimeout(flushLog, 0);
+  setImmediate(flushLog);
 }
 
 /** Room for `bytes` more, or false (the line dropped and counted) when stdout is closed or its reader is behind by a whole buffer. */
@@ -492,7 +487,7 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
     }
   }
 
-  const apiBase = raw.apiBaseUrl.value ? parseHttpUrl(raw.apiBaseUrl, errors, false) : undefined;
+  const apiBases = raw.apiBaseUrl.value ? apiBaseUrls(raw.apiBaseUrl, errors) : undefined;
   const authority = parseHttpUrl(raw.authorityHost, errors, true);
   if (authority && authority.pathname !== "/") {
     errors.push(`${raw.authorityHost.source}=${raw.authorityHost.value} must be a host only, e.g. https://login.microsoftonline.us (the tenant is added from AZURE_TENANT_ID)`);
@@ -512,8 +507,8 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
     errors.push(`set ${raw.apiBaseUrl.source} or ${raw.routesFile.source}, not both: the routes file names every backend`);
   } else if (raw.routesFile.value) {
     routes = readRoutesFile(raw.routesFile, raw.scope.value!, errors);
-  } else if (apiBase) {
-    routes = [{ prefix: "/", stripPrefix: true, scope: raw.scope.value!, backends: [backendConfig(apiBase, undefined)] }];
+  } else if (apiBases) {
+    routes = [{ prefix: "/", stripPrefix: true, scope: raw.scope.value!, backends: apiBases }];
   }
 
   const logLevel = raw.logLevel.value!.toLowerCase();
@@ -564,6 +559,22 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
       adminHost: raw.adminHost.value!,
     },
   };
+}
+
+/**
+ * API_BASE_URL as backends: one URL, or several separated by commas, in
+ * priority order (the first serves while it is available, the next takes
+ * over while it rests). A host listed twice gets its place as a suffix, so
+ * every backend keeps a label of its own.
+ */
+function apiBaseUrls(raw: RawSetting, errors: string[]): BackendConfig[] | undefined {
+  const urls = raw.value!.split(",").map((value) => parseHttpUrl({ value: value.trim(), source: raw.source }, errors, false));
+  if (urls.some((url) => url === undefined)) return undefined;
+  if (urls.length > MAX_BACKENDS) errors.push(`${raw.source} lists ${urls.length} URLs; a route takes at most ${MAX_BACKENDS}`);
+  return urls.map((url, index) => {
+    const taken = urls.slice(0, index).some((other) => other!.host === url!.host);
+    return backendConfig(url!, taken ? `${url!.host}-${index + 1}` : undefined, { priority: index + 1 });
+  });
 }
 
 /** One key per line (blank lines and `#` comments skipped), or comma-separated in the variable. */
@@ -632,6 +643,8 @@ export interface RouteConfig {
 }
 
 const ROUTE_KEYS = ["prefix", "scope", "strip_prefix", "backends"];
+/** A request's tried backends are a bit mask. */
+export const MAX_BACKENDS = 32;
 const BACKEND_KEYS = ["url", "name", "priority", "weight", "deployments"];
 /** Backend names are label values: the characters of an Azure deployment name, at most 64. */
 const LABEL_VALUE = /^[A-Za-z0-9._-]{1,64}$/;
@@ -698,8 +711,8 @@ export function parseRoutes(text: string, defaultScope: string): { routes: Route
     }
     const stripPrefix = entry.strip_prefix ?? true;
     if (typeof stripPrefix !== "boolean") faults.push(`${place}.strip_prefix must be true or false`);
-    if (!Array.isArray(entry.backends) || entry.backends.length === 0) {
-      return void faults.push(`${place}.backends must list at least one backend (- url: https://...)`);
+    if (!Array.isArray(entry.backends) || entry.backends.length === 0 || entry.backends.length > MAX_BACKENDS) {
+      return void faults.push(`${place}.backends must list one to ${MAX_BACKENDS} backends (- url: https://...)`);
     }
     const backends = entry.backends.map((backend: unknown, backendIndex: number) => parseBackend(backend, `${place}.backends[${backendIndex}]`, faults));
     const names = backends.flatMap((backend) => (backend === undefined ? [] : [backend.name]));
@@ -1667,6 +1680,25 @@ function histogramLines(lines: string[], name: string, labels: string, histogram
   lines.push(`${name}_bucket{${labels},le="+Inf"} ${histogram.count}`, `${name}_sum{${labels}} ${histogram.sum}`, `${name}_count{${labels}} ${histogram.count}`);
 }
 
+/** Backends and failovers, for routes of a routes file or a pool (labels bounded by the configuration). */
+function backendLines(lines: string[], routes: Route[]): void {
+  if (routes.length === 0) return;
+  const now = Date.now();
+  const labels = (route: Route, backend: Backend) => `route="${escapeLabel(route.prefix)}",backend="${escapeLabel(backend.name)}"`;
+  family(lines, "auth_proxy_backend_up", "gauge", "1 while the backend serves, 0 while it rests (throttled, unreachable, or failing).");
+  for (const route of routes) for (const backend of route.backends) lines.push(`auth_proxy_backend_up{${labels(route, backend)}} ${backend.restsUntil > now ? 0 : 1}`);
+  family(lines, "auth_proxy_backend_requests_total", "counter", "Answers each backend gave, by status code (every attempt, failed-over ones included).");
+  for (const route of routes) {
+    for (const backend of route.backends) for (const [code, count] of backend.codes) lines.push(`auth_proxy_backend_requests_total{${labels(route, backend)},code="${code}"} ${count}`);
+  }
+  family(lines, "auth_proxy_failovers_total", "counter", "Requests moved on to the next backend, by why.");
+  for (const route of routes) {
+    for (const [reason, count] of Object.entries(route.failovers)) lines.push(`auth_proxy_failovers_total{route="${escapeLabel(route.prefix)}",reason="${reason}"} ${count}`);
+  }
+  family(lines, "auth_proxy_held_request_body_bytes", "gauge", "Request bodies held now so they can be sent to another backend (at most 64 MiB).");
+  lines.push(`auth_proxy_held_request_body_bytes ${heldBodyBytes}`);
+}
+
 /** The process's own figures, the names every Prometheus client library uses. */
 function processLines(lines: string[], metrics: Metrics): void {
   const cpu = process.cpuUsage();
@@ -1688,6 +1720,8 @@ function processLines(lines: string[], metrics: Metrics): void {
 
 interface MetricsSources {
   metrics: Metrics;
+  /** With a routes file or a pool: each backend's state and answers, each route's failovers. */
+  routes: Route[];
   /** One per scope; with a routes file each carries a `scope` label. */
   tokens: TokenManager[];
   certificate: Credential | undefined;
@@ -1695,7 +1729,7 @@ interface MetricsSources {
 }
 
 /** The whole exposition, families in a fixed order, each with HELP and TYPE. */
-export function renderMetrics({ metrics, tokens, certificate, websocketSessionsOpen }: MetricsSources): string {
+export function renderMetrics({ metrics, routes, tokens, certificate, websocketSessionsOpen }: MetricsSources): string {
   const lines: string[] = [];
   family(lines, "auth_proxy_build_info", "gauge", "auth-proxy's version and the Bun it runs on; always 1.");
   lines.push(`auth_proxy_build_info{version="${escapeLabel(VERSION)}",bun_version="${escapeLabel(Bun.version)}"} 1`);
@@ -1744,6 +1778,8 @@ export function renderMetrics({ metrics, tokens, certificate, websocketSessionsO
   family(lines, "auth_proxy_upstream_ratelimit_remaining", "gauge", "The upstream's x-ratelimit-remaining-requests and -tokens, as last seen.");
   if (metrics.rateLimitRemainingRequests !== undefined) lines.push(`auth_proxy_upstream_ratelimit_remaining{kind="requests"} ${metrics.rateLimitRemainingRequests}`);
   if (metrics.rateLimitRemainingTokens !== undefined) lines.push(`auth_proxy_upstream_ratelimit_remaining{kind="tokens"} ${metrics.rateLimitRemainingTokens}`);
+
+  backendLines(lines, routes.filter((route) => route.named || route.pooled));
 
   family(lines, "auth_proxy_log_lines_dropped_total", "counter", "Log lines dropped because stdout was closed or not read fast enough.");
   lines.push(`auth_proxy_log_lines_dropped_total ${logLinesDropped}`);
@@ -1855,13 +1891,25 @@ export interface Route {
   /** How many characters of the target are cut before it is appended to the backend's URL (strip_prefix). */
   stripLength: number;
   tokens: TokenManager;
-  backend: Backend;
+  /** By priority, lowest first. */
+  backends: Backend[];
   metrics: Metrics;
   /** With a routes file, the access line names the route. */
   named: boolean;
+  /** Several backends: requests fail over, and logs and metrics name the backend. */
+  pooled: boolean;
+  /** Requests moved on to another backend, by why. */
+  failovers: Record<FailoverReason, number>;
 }
 
+/**
+ * A backend as the pool reads it: its address and a record of numbers, as
+ * nginx keeps its peers (ngx_http_upstream_round_robin.c: weight,
+ * current_weight, fails, checked).
+ */
 export interface Backend {
+  /** Its place in the route's list: the bit of a request's tried mask. */
+  index: number;
   /** The backend's URL without trailing slash: the forwarded path is appended. */
   url: string;
   /** The same URL as ws: or wss:, for WebSocket upgrades. */
@@ -1870,6 +1918,21 @@ export interface Backend {
   websocketProxy: string | undefined;
   origin: string;
   name: string;
+  priority: number;
+  weight: number;
+  /** Smooth weighted round-robin's running weight. */
+  currentWeight: number;
+  /** Date.now() until which it rests (skipped); in the past while it serves. */
+  restsUntil: number;
+  /** Why it rests: throttled (429), server_error (5xx in a row) or unreachable. */
+  restReason: FailoverReason | undefined;
+  restTimer: ReturnType<typeof setTimeout> | undefined;
+  /** 5xx answers in a row. */
+  serverErrors: number;
+  /** `/openai/deployments/<from>/` renamed for this backend; undefined when none is. */
+  deployments: Map<string, string> | undefined;
+  /** Its answers by status, for /metrics. */
+  codes: Map<number, number>;
 }
 
 /**
@@ -1884,22 +1947,34 @@ export function buildRoutes(config: Pick<Config, "routes" | "routesFile">, ident
     .map((route) => {
       const tokens = managers.get(route.scope) ?? new TokenManager(identity, route.scope, named);
       managers.set(route.scope, tokens);
-      const [backend] = route.backends;
       const match = route.prefix === "/" ? "" : route.prefix;
+      const byPriority = [...route.backends].sort((a, b) => a.priority - b.priority);
       return {
         prefix: route.prefix,
         match,
         stripLength: route.stripPrefix ? match.length : 0,
         tokens,
-        backend: {
-          url: backend!.url,
-          websocketBaseUrl: websocketBaseUrl(backend!.url),
-          websocketProxy: websocketProxyFor(backend!.url, env),
-          origin: backend!.origin,
-          name: backend!.name,
-        },
+        backends: byPriority.map((backend, index) => ({
+          index,
+          url: backend.url,
+          websocketBaseUrl: websocketBaseUrl(backend.url),
+          websocketProxy: websocketProxyFor(backend.url, env),
+          origin: backend.origin,
+          name: backend.name,
+          priority: backend.priority,
+          weight: backend.weight,
+          currentWeight: 0,
+          restsUntil: 0,
+          restReason: undefined,
+          restTimer: undefined,
+          serverErrors: 0,
+          deployments: Object.keys(backend.deployments).length === 0 ? undefined : new Map(Object.entries(backend.deployments)),
+          codes: new Map(),
+        })),
         metrics,
         named,
+        pooled: route.backends.length > 1,
+        failovers: { throttled: 0, server_error: 0, unreachable: 0 },
       };
     })
     .sort((a, b) => b.match.length - a.match.length);
@@ -1914,6 +1989,142 @@ export function matchRoute<R extends Pick<Route, "match">>(routes: R[], target: 
     if (end === target.length || next === 47 /* "/" */ || next === 63 /* "?" */) return route;
   }
   return undefined;
+}
+
+// ---------------------------------------------------------------- backend pools
+
+export type FailoverReason = "throttled" | "server_error" | "unreachable";
+/** A backend rests this long after a connection failure, three 5xx in a row, or a 429 that names no time. */
+const DEFAULT_REST_MS = 10 * SECOND;
+/** However long a 429 asks for: a backend is never out for longer. */
+const MAX_REST_MS = 5 * MINUTE;
+const SERVER_ERRORS_BEFORE_REST = 3;
+/**
+ * A request body is held, so the next backend can be sent the same bytes,
+ * only up to this size and while all held bodies together stay under the
+ * second bound; a larger or chunked body streams to one backend.
+ */
+export const MAX_REPLAY_BODY_BYTES = 4 * 1024 * 1024;
+export const MAX_HELD_BODY_BYTES = 64 * 1024 * 1024;
+let heldBodyBytes = 0;
+
+/**
+ * The backend for a request's next attempt: among those serving and not yet
+ * tried, the lowest priority; among equals, smooth weighted round-robin
+ * (nginx's: each adds its weight, the largest running weight wins and gives
+ * back the total), which spreads 3:1 as a b a a, deterministically.
+ */
+export function chooseBackend(backends: Backend[], tried: number, nowMs: number): Backend | undefined {
+  if (backends.length === 1) return tried === 0 ? backends[0] : undefined;
+  let best: Backend | undefined;
+  let total = 0;
+  for (const backend of backends) {
+    if ((tried & (1 << backend.index)) !== 0 || backend.restsUntil > nowMs) continue;
+    if (best !== undefined && backend.priority > best.priority) break;
+    backend.currentWeight += backend.weight;
+    total += backend.weight;
+    if (best === undefined || backend.currentWeight > best.currentWeight) best = backend;
+  }
+  if (best !== undefined) best.currentWeight -= total;
+  return best;
+}
+
+/** The answers that move a request on to the next backend (with a connection failure: `unreachable`). */
+export function failoverReason(status: number): FailoverReason | undefined {
+  if (status === 429) return "throttled";
+  return status === 500 || status === 502 || status === 503 || status === 504 ? "server_error" : undefined;
+}
+
+/**
+ * How long a 429 asks its backend to rest: `retry-after-ms` (what the
+ * OpenAI SDKs prefer), else `Retry-After` in seconds or as an HTTP date,
+ * else `x-ratelimit-reset-requests`/`-tokens` as OpenAI writes them (the
+ * longer), else 10 s; at most 5 minutes. The Responses API has been seen to
+ * send `-1` and no Retry-After (openai-dotnet#838): unreadable values count
+ * as absent.
+ */
+export function throttleRestMs(headers: Headers, nowMs: number): number {
+  const retryAfterMs = nonNegative(Number(headers.get("retry-after-ms") ?? Number.NaN));
+  const retryAfter = headers.get("retry-after");
+  const fromRetryAfter = retryAfter === null ? undefined : /^\d+$/.test(retryAfter.trim()) ? Number(retryAfter) * SECOND : nonNegative(Date.parse(retryAfter) - nowMs);
+  const resets = [headers.get("x-ratelimit-reset-requests"), headers.get("x-ratelimit-reset-tokens")].map((value) => (value === null ? undefined : openAiDuration(value)));
+  const fromResets = resets.some((value) => value !== undefined) ? Math.max(...resets.map((value) => value ?? 0)) : undefined;
+  return Math.min(retryAfterMs ?? fromRetryAfter ?? fromResets ?? DEFAULT_REST_MS, MAX_REST_MS);
+}
+
+function nonNegative(value: number): number | undefined {
+  return Number.isFinite(value) && value >= 0 ? value : undefined;
+}
+
+/** OpenAI's reset durations (`1s`, `6m0s`, `250ms`, `1h2m3.5s`) or plain seconds, in ms. */
+export function openAiDuration(text: string): number | undefined {
+  const value = text.trim();
+  if (/^\d+(\.\d+)?$/.test(value)) return Number(value) * SECOND;
+  const parts = /^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?$/.exec(value);
+  if (parts === null || value === "") return undefined;
+  const [, hours = "0", minutes = "0", seconds = "0", millis = "0"] = parts;
+  return Number(hours) * 60 * MINUTE + Number(minutes) * MINUTE + Number(seconds) * SECOND + Number(millis);
+}
+
+/**
+ * What a backend's answer (a status, or `undefined` for a connection that
+ * failed) says of it: a 429 rests it for as long as it asks, a failed
+ * connection for 10 s, the third 5xx in a row for 10 s; any other answer
+ * clears its 5xx count. A route with one backend never rests it: its
+ * answers pass through as they would without a pool.
+ */
+function noteBackendAnswer(route: Route, backend: Backend, status: number | undefined, headers: Headers | undefined, nowMs: number): void {
+  // API_BASE_URL's one backend is the request series itself: counting it again would only cost.
+  if (status !== undefined && (route.pooled || route.named)) backend.codes.set(status, (backend.codes.get(status) ?? 0) + 1);
+  if (!route.pooled) return;
+  const reason = status === undefined ? "unreachable" : failoverReason(status);
+  if (reason !== "server_error") backend.serverErrors = 0;
+  if (reason === "throttled") rest(route, backend, reason, throttleRestMs(headers!, nowMs), nowMs);
+  else if (reason === "unreachable") rest(route, backend, reason, DEFAULT_REST_MS, nowMs);
+  else if (reason === "server_error" && (backend.serverErrors += 1) >= SERVER_ERRORS_BEFORE_REST) {
+    backend.serverErrors = 0;
+    rest(route, backend, reason, DEFAULT_REST_MS, nowMs);
+  }
+}
+
+/** One warn line when a backend starts resting (a longer rest extends it quietly), one info line when it serves again. */
+function rest(route: Route, backend: Backend, reason: FailoverReason, ms: number, nowMs: number): void {
+  const until = nowMs + ms;
+  if (ms <= 0 || until <= backend.restsUntil) return;
+  const starts = backend.restsUntil <= nowMs;
+  backend.restsUntil = until;
+  backend.restReason = reason;
+  clearTimeout(backend.restTimer);
+  backend.restTimer = setTimeout(() => {
+    backend.restTimer = undefined;
+    log("info", "backend serving again", { route: route.prefix, backend: backend.name });
+  }, ms);
+  backend.restTimer.unref();
+  if (starts) log("warn", "backend resting", { route: route.prefix, backend: backend.name, reason, rest_ms: Math.round(ms) });
+}
+
+/** The path as this backend gets it: `/openai/deployments/<from>/` renamed `<to>` where its `deployments` say so. */
+function backendPath(backend: Backend, path: string): string {
+  if (backend.deployments === undefined || !path.startsWith(DEPLOYMENT_PREFIX)) return path;
+  let end = DEPLOYMENT_PREFIX.length;
+  while (end < path.length && !endsPathSegment(path, end)) end += 1;
+  const renamed = backend.deployments.get(path.slice(DEPLOYMENT_PREFIX.length, end));
+  return renamed === undefined ? path : DEPLOYMENT_PREFIX + renamed + path.slice(end);
+}
+
+/**
+ * Every backend of the route rests, so nothing is forwarded: 429
+ * `backends_throttled` while a throttled one is among them, saying when the
+ * first of those returns (Retry-After in whole seconds, rounded up, and
+ * `retry-after-ms` as Azure writes it), else 503 `backends_unavailable`.
+ */
+function restingAnswer(route: Route, nowMs: number): Response {
+  const throttled = route.backends.filter((backend) => backend.restReason === "throttled" && backend.restsUntil > nowMs);
+  const returns = Math.min(...(throttled.length > 0 ? throttled : route.backends).map((backend) => backend.restsUntil)) - nowMs;
+  const headers = { "retry-after": String(Math.max(1, Math.ceil(returns / SECOND))), "retry-after-ms": String(Math.max(0, Math.ceil(returns))) };
+  return throttled.length > 0
+    ? proxyError(429, "backends_throttled", `every backend of route ${route.prefix} is throttled; the first returns in ${headers["retry-after"]} s`, headers)
+    : proxyError(503, "backends_unavailable", `every backend of route ${route.prefix} is resting after failures; the first returns in ${headers["retry-after"]} s`, { "retry-after": headers["retry-after"] });
 }
 
 /** The distinct token managers of a route table, in the order of their first route. */
@@ -2056,11 +2267,114 @@ function forwardedPath(route: Route, target: string): string {
   return route.stripLength === 0 ? target : target.slice(route.stripLength);
 }
 
-/** One forwarded request, the whole hot path: rewrite headers, fetch, strip the response's hop-by-hop headers, count, relay. */
+/** What a request's attempts came to. */
+interface Attempts {
+  /** The answer to pass on; undefined when the last attempt got none (`error`), or when no backend could be asked. */
+  response: Response | undefined;
+  error: unknown;
+  /** The backend that answered or failed last; undefined when every backend of the route rests. */
+  backend: Backend | undefined;
+  count: number;
+}
+
+/**
+ * The request sent to the route's backends in turn, as nginx's
+ * proxy_next_upstream does: an answer of 429, 500, 502, 503 or 504, or a
+ * backend that cannot be reached, moves it on to the next available
+ * backend, each at most once, while the client has received nothing and
+ * the body can be sent again (held as bytes: none, or a Content-Length
+ * within the bounds). The client gets the first answer that is not a reason
+ * to move on, or the last one. A route with one backend is the same loop,
+ * once, with the body streamed.
+ */
+async function sendToBackends(req: Request, method: string, path: string, route: Route, bytesIn: number): Promise<Attempts> {
+  const held = route.pooled ? await holdBody(req, bytesIn) : undefined;
+  let tried = 0;
+  let last: Attempts = { response: undefined, error: undefined, backend: undefined, count: 0 };
+  let movingOn: FailoverReason | undefined;
+  try {
+    for (;;) {
+      const backend = req.signal.aborted ? undefined : chooseBackend(route.backends, tried, Date.now());
+      if (backend === undefined) return last;
+      if (movingOn !== undefined) {
+        route.failovers[movingOn] += 1;
+        void last.response?.body?.cancel().catch(() => {});
+      }
+      tried |= 1 << backend.index;
+      try {
+        const response = await fetch(backend.url + backendPath(backend, path), {
+          method,
+          headers: req.headers,
+          body: held === undefined ? req.body : held,
+          // A disconnected client aborts the upstream request (oven-sh/bun#25919).
+          signal: req.signal,
+          // Redirects go back to the client: following one would send the token to another origin.
+          redirect: "manual",
+          // fetch would decode gzip/br but keep Content-Encoding (oven-sh/bun#35546); pass the bytes as sent.
+          decompress: false,
+          // fetch's own idle timer has cut requests silent for 300 s (oven-sh/bun#6217); reasoning models can be.
+          timeout: false,
+        });
+        noteBackendAnswer(route, backend, response.status, response.headers, Date.now());
+        last = { response, error: undefined, backend, count: last.count + 1 };
+        movingOn = failoverReason(response.status);
+      } catch (error) {
+        const aborted = req.signal.aborted;
+        route.metrics.upstreamErrors[upstreamErrorReason(error, aborted)] += 1;
+        if (!aborted) {
+          log("warn", "upstream unreachable", { upstream: backend.origin, error: errorMessage(error) });
+          noteBackendAnswer(route, backend, undefined, undefined, Date.now());
+        }
+        last = { response: undefined, error, backend, count: last.count + 1 };
+        movingOn = "unreachable";
+      }
+      if (movingOn === undefined || held === undefined) return last;
+    }
+  } finally {
+    if (held !== undefined && held !== null) heldBodyBytes -= bytesIn;
+  }
+}
+
+/**
+ * The body as bytes to send to each backend asked, when it may be held:
+ * `null` for none, the bytes of a Content-Length within the bounds;
+ * undefined for a larger or chunked one, which streams to one backend.
+ */
+async function holdBody(req: Request, bytesIn: number): Promise<Uint8Array | null | undefined> {
+  if (req.body === null) return null;
+  if (req.headers.get("content-length") === null || bytesIn > MAX_REPLAY_BODY_BYTES || heldBodyBytes + bytesIn > MAX_HELD_BODY_BYTES) return undefined;
+  heldBodyBytes += bytesIn;
+  try {
+    return await req.bytes();
+  } catch {
+    // The client went away while sending it: the attempts see its signal and end.
+    heldBodyBytes -= bytesIn;
+    return null;
+  }
+}
+
+/** No answer to pass on: the client left (499), every backend rests (429/503), or the last one could not be reached (502). */
+function unanswered(req: Request, method: string, target: string, route: Route, attempts: Attempts, startedAt: number, series: RequestSeries | undefined, server: ProxyServer): Response {
+  const metrics = route.metrics;
+  if (req.signal.aborted) {
+    answered(metrics, method, target, 499, startedAt, series);
+    return new Response(null, { status: 499 });
+  }
+  if (attempts.backend === undefined) {
+    const resting = restingAnswer(route, Date.now());
+    answered(metrics, method, target, resting.status, startedAt, series);
+    return resting;
+  }
+  answered(metrics, method, target, 502, startedAt, series);
+  // A request that waited long enough to have its timer lifted gets it back, as after any response.
+  if (idleTimerLifted(startedAt, performance.now())) server.timeout(req, KEEP_ALIVE_IDLE_SECONDS);
+  return proxyError(502, "upstream_unreachable", `auth-proxy could not reach ${attempts.backend.origin}: ${errorMessage(attempts.error)}`);
+}
+
+/** One forwarded request, the whole hot path: rewrite headers, send to the route's backends, strip the response's hop-by-hop headers, count, relay. */
 async function forward(req: Request, method: string, target: string, authorization: string, route: Route, server: ProxyServer): Promise<Response> {
   const startedAt = performance.now();
   const metrics = route.metrics;
-  const backend = route.backend;
   const path = forwardedPath(route, target);
   // Taken now, while the target's characters are fresh: read after the fetch, the first touch alone cost 160-200 ns (measured in place).
   const series = COUNTED ? requestSeries(metrics, method, deploymentLabel(metrics, path)) : UNCOUNTED_SERIES;
@@ -2070,36 +2384,12 @@ async function forward(req: Request, method: string, target: string, authorizati
   const clientRequestId = accessLogEnabled ? req.headers.get("x-ms-client-request-id") : null;
   rewriteRequestHeaders(req.headers, authorization);
   collectOnBurst((metrics.requestsInFlight += 1));
-  let response: Response;
-  try {
-    response = await fetch(backend.url + path, {
-      method,
-      headers: req.headers,
-      body: req.body,
-      // A disconnected client aborts the upstream request (oven-sh/bun#25919).
-      signal: req.signal,
-      // Redirects go back to the client: following one would send the token to another origin.
-      redirect: "manual",
-      // fetch would decode gzip/br but keep Content-Encoding (oven-sh/bun#35546); pass the bytes as sent.
-      decompress: false,
-      // fetch's own idle timer has cut requests silent for 300 s (oven-sh/bun#6217); reasoning models can be.
-      timeout: false,
-    });
-  } catch (error) {
+  const attempts = await sendToBackends(req, method, path, route, bytesIn);
+  const response = attempts.response;
+  if (response === undefined) {
     clearTimeout(lift);
     metrics.requestsInFlight -= 1;
-    const aborted = req.signal.aborted;
-    metrics.upstreamErrors[upstreamErrorReason(error, aborted)] += 1;
-    if (aborted) {
-      answered(metrics, method, target, 499, startedAt, series);
-      return new Response(null, { status: 499 });
-    }
-    const reason = errorMessage(error);
-    log("warn", "upstream unreachable", { upstream: backend.origin, error: reason });
-    answered(metrics, method, target, 502, startedAt, series);
-    // A request that waited long enough to have its timer lifted gets it back, as after any response.
-    if (idleTimerLifted(startedAt, performance.now())) server.timeout(req, KEEP_ALIVE_IDLE_SECONDS);
-    return proxyError(502, "upstream_unreachable", `auth-proxy could not reach ${backend.origin}: ${reason}`);
+    return unanswered(req, method, target, route, attempts, startedAt, series, server);
   }
   clearTimeout(lift);
   const headersAt = performance.now();
@@ -2114,6 +2404,8 @@ async function forward(req: Request, method: string, target: string, authorizati
     method,
     target,
     route,
+    backend: attempts.backend!,
+    attempts: attempts.count,
     series,
     metrics,
     status: response.status,
@@ -2205,6 +2497,9 @@ interface Exchange {
   /** As the client sent it: the access line's path. */
   target: string;
   route: Route;
+  /** The backend that answered, and how many were asked. */
+  backend: Backend;
+  attempts: number;
   series: RequestSeries;
   metrics: Metrics;
   /** The upstream's status; 499 when the client went away mid-body. */
@@ -2329,10 +2624,14 @@ function writeAccessLines(): void {
 }
 
 function writeAccessLine(exchange: Exchange): void {
-  const { method, target, route, startedAt, endedAt, status, series, requestId, clientRequestId, end: how } = exchange;
-  if (!reserveLog(ACCESS_LINE_BYTES + 6 * (method.length + target.length + route.prefix.length + (requestId?.length ?? 0) + (clientRequestId?.length ?? 0)))) return;
+  const { method, target, route, backend, startedAt, endedAt, status, series, requestId, clientRequestId, end: how } = exchange;
+  if (!reserveLog(ACCESS_LINE_BYTES + 6 * (method.length + target.length + route.prefix.length + backend.name.length + (requestId?.length ?? 0) + (clientRequestId?.length ?? 0)))) return;
   putAccessLineHead(method, target, status, startedAt, endedAt);
   if (route.named) putStringField(ROUTE, route.prefix);
+  if (route.pooled) {
+    putStringField(BACKEND, backend.name);
+    putIntegerField(ATTEMPTS, exchange.attempts);
+  }
   putMillisField(UPSTREAM_MS, exchange.headersAt - startedAt);
   if (exchange.firstByteAt !== 0) putMillisField(TTFB_MS, exchange.firstByteAt - startedAt);
   putIntegerField(BYTES_IN, exchange.bytesIn);
@@ -2379,6 +2678,8 @@ const BYTES_IN = asciiBytes(',"bytes_in":');
 const BYTES_OUT = asciiBytes(',"bytes_out":');
 const DEPLOYMENT = asciiBytes(',"deployment":');
 const ROUTE = asciiBytes(',"route":');
+const BACKEND = asciiBytes(',"backend":');
+const ATTEMPTS = asciiBytes(',"attempts":');
 const REQUEST_ID = asciiBytes(',"request_id":');
 const CLIENT_REQUEST_ID = asciiBytes(',"client_request_id":');
 const LINE_END = asciiBytes("}\n");
@@ -2544,21 +2845,54 @@ async function relayWebSocket(
   const fault = handshakeFault(req, protocols);
   if (fault !== undefined) return badHandshake(req, target, fault, startedAt, route);
   // A fragment never belongs to a request (RFC 9112 section 3.2); fetch drops it, and so does the relay.
-  const upstreamTarget = withoutCredentialParameters(withoutFragment(forwardedPath(route, target)));
+  const path = withoutCredentialParameters(withoutFragment(forwardedPath(route, target)));
   const headers = upstreamHandshakeHeaders(req.headers, authorization);
-  let socket: WebSocket;
-  try {
-    socket = new WebSocket(route.backend.websocketBaseUrl + upstreamTarget, {
-      headers,
-      protocols,
-      // Each hop negotiates its own extensions; compressing here would cost CPU on every audio frame.
-      perMessageDeflate: false,
-      proxy: route.backend.websocketProxy,
-    });
-  } catch (error) {
-    // Bun's client refuses what it cannot send (a malformed URL or protocol): the client's handshake was at fault.
-    return badHandshake(req, target, errorMessage(error), startedAt, route);
+  // The handshake fails over as requests do: a refusal with 429 or 5xx, or an unreachable backend, moves it on.
+  let tried = 0;
+  let refused: { handshake: UpstreamHandshake; failure: string; reason: FailoverReason | undefined } | undefined;
+  let session: RelaySession;
+  for (;;) {
+    const backend = req.signal.aborted ? undefined : chooseBackend(route.backends, tried, Date.now());
+    if (backend === undefined && refused !== undefined) return refusedHandshake(req, target, refused.handshake, refused.failure, startedAt, route);
+    if (backend === undefined) return unanswered(req, req.method, target, route, { response: undefined, error: undefined, backend: undefined, count: 0 }, startedAt, undefined, server);
+    if (refused !== undefined) route.failovers[refused.reason!] += 1;
+    tried |= 1 << backend.index;
+    const url = backend.url + backendPath(backend, path);
+    let socket: WebSocket;
+    try {
+      socket = new WebSocket(backend.websocketBaseUrl + backendPath(backend, path), {
+        headers,
+        protocols,
+        // Each hop negotiates its own extensions; compressing here would cost CPU on every audio frame.
+        perMessageDeflate: false,
+        proxy: backend.websocketProxy,
+      });
+    } catch (error) {
+      // Bun's client refuses what it cannot send (a malformed URL or protocol): the client's handshake was at fault.
+      return badHandshake(req, target, errorMessage(error), startedAt, route);
+    }
+    session = newSession(socket, target, startedAt, relay);
+    const failure = await upstreamHandshake(socket, req.signal);
+    if (failure === undefined) break;
+    const status = refusalStatus(failure);
+    if (!req.signal.aborted) noteBackendAnswer(route, backend, status, new Headers(), Date.now());
+    refused = { handshake: { url, headers, origin: backend.origin }, failure, reason: status === undefined ? "unreachable" : failoverReason(status) };
+    if (refused.reason === undefined || !route.pooled) return refusedHandshake(req, target, refused.handshake, failure, startedAt, route);
   }
+
+  const socket = session.upstream;
+  const protocol = socket.protocol;
+  // Without an explicit header Bun answers with the client's first offer, not the upstream's choice.
+  if (!server.upgrade(req, { data: session, headers: protocol ? { "sec-websocket-protocol": protocol } : undefined })) {
+    socket.close(1001, "client went away");
+    return undefined;
+  }
+  relay.sessions.add(session);
+  return undefined;
+}
+
+/** A session for an upstream socket whose handshake is under way: its frames queue until the client's upgrade completes. */
+function newSession(socket: WebSocket, target: string, startedAt: number, relay: Relay): RelaySession {
   socket.binaryType = "nodebuffer";
   const session: RelaySession = {
     path: pathOf(target),
@@ -2578,18 +2912,13 @@ async function relayWebSocket(
   };
   socket.onmessage = (event) => relayToClient(session, event.data as Frame);
   socket.onclose = (event) => upstreamClosed(session, event.code, event.reason, relay);
+  return session;
+}
 
-  const failure = await upstreamHandshake(socket, req.signal);
-  if (failure !== undefined) return refusedHandshake(req, target, { target: upstreamTarget, headers }, failure, startedAt, route);
-
-  const protocol = socket.protocol;
-  // Without an explicit header Bun answers with the client's first offer, not the upstream's choice.
-  if (!server.upgrade(req, { data: session, headers: protocol ? { "sec-websocket-protocol": protocol } : undefined })) {
-    socket.close(1001, "client went away");
-    return undefined;
-  }
-  relay.sessions.add(session);
-  return undefined;
+/** The status of a refused handshake, from Bun's "Expected 101 status code: 302"; undefined when no HTTP answer came (unreachable). */
+function refusalStatus(failure: string): number | undefined {
+  const status = Number(/Expected 101 status code: (\d{3})/.exec(failure)?.[1] ?? 0);
+  return status >= 300 && status <= 599 ? status : undefined;
 }
 
 /** A Sec-WebSocket-Key is 16 random bytes in base64 (RFC 6455 section 4.1). */
@@ -2662,37 +2991,38 @@ async function refusedHandshake(req: Request, target: string, handshake: Upstrea
     answered(metrics, req.method, target, 499, startedAt);
     return new Response(null, { status: 499 });
   }
-  const status = Number(/Expected 101 status code: (\d{3})/.exec(failure)?.[1] ?? 0);
-  if (status >= 300 && status <= 599) {
+  const status = refusalStatus(failure);
+  if (status !== undefined) {
     if (status === 401) route.tokens.refreshAfterUnauthorized();
     metrics.websocketSessionsTotal.refused += 1;
-    const refusal = (await upstreamRefusal(handshake, status, req.signal, route)) ??
+    const refusal = (await upstreamRefusal(handshake, status, req.signal)) ??
       proxyError(status, "upstream_refused_websocket", `the upstream refused the WebSocket handshake with HTTP ${status}`);
     answered(metrics, req.method, target, status, startedAt);
     return refusal;
   }
   const reason = failure.replace(/^WebSocket connection to '[^']*' failed: /, "");
-  log("warn", "upstream unreachable", { upstream: route.backend.origin, error: reason });
+  log("warn", "upstream unreachable", { upstream: handshake.origin, error: reason });
   metrics.websocketSessionsTotal.failed += 1;
   metrics.upstreamErrors[upstreamErrorReason({ message: reason }, false)] += 1;
   answered(metrics, req.method, target, 502, startedAt);
-  return proxyError(502, "upstream_unreachable", `auth-proxy could not open a WebSocket to ${route.backend.origin}: ${reason}`);
+  return proxyError(502, "upstream_unreachable", `auth-proxy could not open a WebSocket to ${handshake.origin}: ${reason}`);
 }
 
 /** How long the refusal's second asking may take, and how much of its body is passed on. */
 const REFUSAL_TIMEOUT_MS = 5 * SECOND;
 const MAX_REFUSAL_BODY_BYTES = 64 * 1024;
 
-/** What the upstream handshake asked for: the target (credential parameters removed) and the headers with the bearer token. */
+/** What the upstream handshake asked for: the backend's URL for the target (credential parameters removed) and the headers with the bearer token. */
 interface UpstreamHandshake {
-  target: string;
+  url: string;
   headers: Headers;
+  origin: string;
 }
 
 /** The upstream's own answer to the refused handshake's target as a plain GET, when it is the same refusal. */
-async function upstreamRefusal(handshake: UpstreamHandshake, status: number, clientGone: AbortSignal, route: Route): Promise<Response | undefined> {
+async function upstreamRefusal(handshake: UpstreamHandshake, status: number, clientGone: AbortSignal): Promise<Response | undefined> {
   try {
-    const response = await fetch(route.backend.url + handshake.target, {
+    const response = await fetch(handshake.url, {
       headers: handshake.headers,
       // Never followed: the client decides where to go, and the token goes to the upstream's origin only.
       redirect: "manual",
@@ -2883,7 +3213,7 @@ export function startProxy(config: Config, identity: Identity): RunningProxy {
   }
 
   function metricsPage(method: string): Response {
-    const text = renderMetrics({ metrics, tokens, certificate: identity.certificate, websocketSessionsOpen: relay.sessions.size });
+    const text = renderMetrics({ metrics, routes, tokens, certificate: identity.certificate, websocketSessionsOpen: relay.sessions.size });
     return new Response(method === "HEAD" ? null : text, { headers: METRICS_HEADERS });
   }
 
@@ -3169,7 +3499,10 @@ function identitySummary(config: Config, identity: Identity): Record<string, str
 
 /** With a routes file: each route's prefix, scope and backends' origins, for the startup line and --check. */
 function routesSummary(config: Config): Record<string, unknown> {
-  if (config.routesFile === undefined) return { upstream: config.routes[0]!.backends[0]!.origin };
+  if (config.routesFile === undefined) {
+    const backends = config.routes[0]!.backends;
+    return { upstream: backends[0]!.origin, backends: backends.length > 1 ? backends.map((backend) => backend.url) : undefined };
+  }
   return {
     routes_file: config.routesFile,
     routes: config.routes.map((route) => ({ prefix: route.prefix, scope: route.scope, backends: route.backends.map((backend) => backend.origin) })),

@@ -7,33 +7,48 @@
  * each judged by the median of its per-round ratios. Same CPUs as
  * `make bench` (load on CPU 0, servers on CPU 1).
  *
- * Usage: bun bench/ab.ts <baseline-binary> <candidate-binary>   (AB_ROUNDS=20, AB_SECONDS=3)
+ * Usage: bun bench/ab.ts <baseline-binary> <candidate-binary> [more candidates...]
+ *        (AB_ROUNDS=20, AB_SECONDS=3, AB_SSE=0 to measure throughput only)
  */
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
-import { CertificateFactory } from "../test/certificates.ts";
-import { FakeEntraId } from "../test/fakes.ts";
+import { benchEntra } from "./entra.ts";
 import { freePort, median, ROOT, waitForStatus } from "../test/harness.ts";
 
-const [baselineBinary, candidateBinary] = process.argv.slice(2);
-if (!baselineBinary || !candidateBinary) throw new Error("usage: bun bench/ab.ts <baseline-binary> <candidate-binary>");
+const binaries = process.argv.slice(2);
+if (binaries.length < 2) throw new Error("usage: bun bench/ab.ts <baseline-binary> <candidate-binary> [more candidates...]");
+const MEASURE_SSE = process.env.AB_SSE !== "0";
 const ROUNDS = Number(process.env.AB_ROUNDS ?? 20);
 const SECONDS = Number(process.env.AB_SECONDS ?? 3);
 const CHAT_PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
-const CLIENT_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 const children: Subprocess[] = [];
 
-function serve(command: string[], env: Record<string, string | undefined> = {}): void {
-  children.push(Bun.spawn(["taskset", "-c", "1", ...command], { env: { PATH: process.env.PATH, ...env }, stdout: "ignore", stderr: "inherit" }));
+function serve(command: string[], env: Record<string, string | undefined> = {}): number {
+  const child = Bun.spawn(["taskset", "-c", "1", ...command], { env: { PATH: process.env.PATH, ...env }, stdout: "ignore", stderr: "inherit" });
+  children.push(child);
+  return child.pid;
 }
 
-function postRps(port: number): number {
+/** A process's user + system CPU time, in clock ticks (/proc/<pid>/stat fields 14 and 15). */
+function cpuTicks(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]!.split(" ");
+  return Number(fields[11]) + Number(fields[12]);
+}
+const TICK_US = 1e6 / Number(execFileSync("getconf", ["CLK_TCK"]).toString().trim());
+
+/**
+ * wrk at c=64: requests/s, and the proxy's CPU time per request (µs), which
+ * a shared machine's noise moves far less than throughput.
+ */
+function postLoad(port: number, pid: number): { rps: number; cpuUs: number } {
+  const before = cpuTicks(pid);
   const output = execFileSync("taskset", ["-c", "0", "wrk", "-t1", "-c64", `-d${SECONDS}s`, "-s", join(ROOT, "bench/post.lua"), `http://127.0.0.1:${port}${CHAT_PATH}`]).toString();
   if (/Non-2xx|Socket errors/.test(output)) throw new Error(`wrk saw errors:\n${output}`);
-  return Number(/Requests\/sec:\s+([\d.]+)/.exec(output)![1]);
+  const requests = Number(/(\d+) requests in/.exec(output)![1]);
+  return { rps: Number(/Requests\/sec:\s+([\d.]+)/.exec(output)![1]), cpuUs: ((cpuTicks(pid) - before) * TICK_US) / requests };
 }
 
 function sseTtfb(port: number): number {
@@ -43,51 +58,40 @@ function sseTtfb(port: number): number {
 
 const work = mkdtempSync(join(tmpdir(), "auth-proxy-ab-"));
 try {
-  const certs = new CertificateFactory(join(work, "certs"));
-  execFileSync("mkdir", ["-p", certs.dir]);
-  const tls = certs.serverTls();
-  const app = certs.client("bench-app");
-  const entra = new FakeEntraId(tls).start();
-  entra.register({ clientId: CLIENT_ID, certificates: [app.certificatePem] });
+  const { entra, env: identityEnv } = benchEntra(work);
   const upstreamPort = freePort();
   serve([process.execPath, join(ROOT, "bench/upstream.ts"), String(upstreamPort)]);
   await waitForStatus(`http://127.0.0.1:${upstreamPort}/`);
-  const env = {
-    AZURE_CLIENT_ID: CLIENT_ID,
-    AZURE_TENANT_ID: entra.tenantId,
-    AZURE_CERTIFICATE_PATH: app.pemPath,
-    API_BASE_URL: `http://127.0.0.1:${upstreamPort}`,
-    AZURE_AUTHORITY_HOST: entra.authorityHost,
-    NODE_EXTRA_CA_CERTS: tls.caPath,
-    HOST: "127.0.0.1",
-    BUN_CONFIG_MAX_HTTP_REQUESTS: "65535",
-    LOG_LEVEL: "info",
-  };
-  const ports = { baseline: freePort(), candidate: freePort() };
-  serve([baselineBinary], { ...env, PORT: String(ports.baseline) });
-  serve([candidateBinary], { ...env, PORT: String(ports.candidate) });
-  for (const port of Object.values(ports)) await waitForStatus(`http://127.0.0.1:${port}/health`);
+  const env = { ...identityEnv, API_BASE_URL: `http://127.0.0.1:${upstreamPort}`, LOG_LEVEL: "info" };
+  const ports = binaries.map(() => freePort());
+  const pids = binaries.map((binary, arm) => serve([binary], { ...env, PORT: String(ports[arm]) }));
+  for (const port of ports) await waitForStatus(`http://127.0.0.1:${port}/health`);
 
-  const rps = { baseline: [] as number[], candidate: [] as number[] };
-  const ttfb = { baseline: [] as number[], candidate: [] as number[] };
+  const rps = binaries.map(() => [] as number[]);
+  const cpu = binaries.map(() => [] as number[]);
+  const ttfb = binaries.map(() => [] as number[]);
   for (let round = 0; round < ROUNDS; round++) {
-    const order = round % 2 === 0 ? (["baseline", "candidate"] as const) : (["candidate", "baseline"] as const);
-    for (const arm of order) {
-      rps[arm].push(postRps(ports[arm]));
-      ttfb[arm].push(sseTtfb(ports[arm]));
+    // Rotated, so no arm always runs first or last.
+    for (let step = 0; step < binaries.length; step++) {
+      const arm = (round + step) % binaries.length;
+      const load = postLoad(ports[arm]!, pids[arm]!);
+      rps[arm]!.push(load.rps);
+      cpu[arm]!.push(load.cpuUs);
+      if (MEASURE_SSE) ttfb[arm]!.push(sseTtfb(ports[arm]!));
     }
   }
-  const ratios = (values: { baseline: number[]; candidate: number[] }) => values.candidate.map((value, round) => value / values.baseline[round]!);
   const quartiles = (values: number[]) => {
     const sorted = [...values].sort((a, b) => a - b);
     return `${sorted[Math.floor(sorted.length / 4)]!.toFixed(3)}-${sorted[Math.floor((3 * sorted.length) / 4)]!.toFixed(3)}`;
   };
-  const rpsRatios = ratios(rps);
-  const ttfbRatios = ratios(ttfb);
-  console.log(`| ${ROUNDS} alternating rounds | baseline | candidate | candidate ÷ baseline (median, quartiles) |`);
-  console.log("|---|---:|---:|---|");
-  console.log(`| POST c=64, requests/s | ${Math.round(median(rps.baseline))} | ${Math.round(median(rps.candidate))} | ${median(rpsRatios).toFixed(3)} (${quartiles(rpsRatios)}) |`);
-  console.log(`| SSE c=1, time to first byte (ms) | ${median(ttfb.baseline).toFixed(2)} | ${median(ttfb.candidate).toFixed(2)} | ${median(ttfbRatios).toFixed(3)} (${quartiles(ttfbRatios)}) |`);
+  const ratios = (values: number[][], arm: number) => values[arm]!.map((value, round) => value / values[0]![round]!);
+  const ratio = (values: number[][], arm: number) => (arm === 0 ? "baseline" : `${median(ratios(values, arm)).toFixed(3)} (${quartiles(ratios(values, arm))})`);
+  console.log(`| ${ROUNDS} rotated rounds | POST c=64 requests/s | ÷ baseline (median, quartiles) | CPU µs a request | ÷ baseline |${MEASURE_SSE ? " SSE c=1 first byte (ms) | ÷ baseline |" : ""}`);
+  console.log(`|---|---:|---|---:|---|${MEASURE_SSE ? "---:|---|" : ""}`);
+  binaries.forEach((binary, arm) => {
+    const sse = MEASURE_SSE ? ` ${median(ttfb[arm]!).toFixed(2)} | ${ratio(ttfb, arm)} |` : "";
+    console.log(`| ${binary} | ${Math.round(median(rps[arm]!))} | ${ratio(rps, arm)} | ${median(cpu[arm]!).toFixed(1)} | ${ratio(cpu, arm)} |${sse}`);
+  });
   entra.stop();
 } finally {
   for (const child of children) child.kill("SIGKILL");

@@ -15,8 +15,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
-import { CertificateFactory } from "../test/certificates.ts";
-import { FakeEntraId } from "../test/fakes.ts";
+import { benchEntra } from "./entra.ts";
 import { BASELINE_REF, identityIdleMemory } from "./identities.ts";
 import { freePort, median, memoryKiB, ROOT, waitForStatus as waitFor } from "../test/harness.ts";
 import packageJson from "../package.json" with { type: "json" };
@@ -31,7 +30,6 @@ const PROXY_BINARY = join(ROOT, "dist/auth-proxy");
 const BUILD_FLAGS = [...packageJson.scripts.build.split(" ").slice(3), `--target=${process.env.X64_TARGET ?? "bun-linux-x64"}`];
 const BARE_BINARY = join(ROOT, "dist/bench-bare-serve");
 const CHAT_PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
-const CLIENT_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 
 const round2 = (value: number) => Math.round(value * 100) / 100;
 const children: Subprocess[] = [];
@@ -97,12 +95,7 @@ async function execToLive(command: string[], env: Record<string, string | undefi
 // ---------------------------------------------------------------- setup
 
 const work = mkdtempSync(join(tmpdir(), "auth-proxy-bench-"));
-const certs = new CertificateFactory(join(work, "certs"));
-execFileSync("mkdir", ["-p", certs.dir]);
-const tls = certs.serverTls();
-const app = certs.client("bench-app");
-const entra = new FakeEntraId(tls).start();
-entra.register({ clientId: CLIENT_ID, certificates: [app.certificatePem] });
+const { certs, tls, entra, env: identityEnv } = benchEntra(work);
 
 const upstreamPort = freePort();
 serve([BUN, join(ROOT, "bench/upstream.ts"), String(upstreamPort)]);
@@ -113,16 +106,7 @@ serve([BUN, join(ROOT, "bench/upstream.ts"), String(tlsUpstreamPort), certs.path
 const tlsUpstream = `https://127.0.0.1:${tlsUpstreamPort}`;
 await waitFor(`${upstream}/`);
 
-const proxyEnv = {
-  AZURE_CLIENT_ID: CLIENT_ID,
-  AZURE_TENANT_ID: entra.tenantId,
-  AZURE_CERTIFICATE_PATH: app.pemPath,
-  API_BASE_URL: upstream,
-  AZURE_AUTHORITY_HOST: entra.authorityHost,
-  NODE_EXTRA_CA_CERTS: tls.caPath,
-  HOST: "127.0.0.1",
-  BUN_CONFIG_MAX_HTTP_REQUESTS: "65535",
-};
+const proxyEnv = { ...identityEnv, API_BASE_URL: upstream };
 const proxyPort = freePort();
 const proxy = serve([PROXY_BINARY], { ...proxyEnv, PORT: String(proxyPort), LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? "info" });
 await waitFor(`http://127.0.0.1:${proxyPort}/health`);
@@ -153,6 +137,20 @@ writeFileSync(routesFile, `routes:\n${routePrefixes.map((prefix) => `  - prefix:
 const routesProxyPort = freePort();
 serve([PROXY_BINARY], { ...proxyEnv, API_BASE_URL: undefined, AUTH_PROXY_ROUTES: routesFile, PORT: String(routesProxyPort), LOG_LEVEL: "info" });
 await waitFor(`http://127.0.0.1:${routesProxyPort}/health`);
+
+// Backend pools, the shipped build: two backends with a healthy primary (every request held as bytes for
+// a failover that never comes), and a primary that answers every request 429 (retry-after-ms: 0, so it is
+// asked again each time): the cost of one failover.
+const poolFile = join(work, "pool.yaml");
+writeFileSync(poolFile, `routes:\n  - prefix: /\n    backends:\n      - url: ${upstream}\n      - url: ${upstream}/second\n        priority: 2\n`);
+const poolProxyPort = freePort();
+serve([PROXY_BINARY], { ...proxyEnv, API_BASE_URL: undefined, AUTH_PROXY_ROUTES: poolFile, PORT: String(poolProxyPort), LOG_LEVEL: "info" });
+await waitFor(`http://127.0.0.1:${poolProxyPort}/health`);
+const failoverFile = join(work, "failover.yaml");
+writeFileSync(failoverFile, `routes:\n  - prefix: /\n    backends:\n      - url: ${upstream}/always-429\n      - url: ${upstream}\n        priority: 2\n`);
+const failoverProxyPort = freePort();
+serve([PROXY_BINARY], { ...proxyEnv, API_BASE_URL: undefined, AUTH_PROXY_ROUTES: failoverFile, PORT: String(failoverProxyPort), LOG_LEVEL: "info" });
+await waitFor(`http://127.0.0.1:${failoverProxyPort}/health`);
 
 const tlsProxyPort = freePort();
 serve([PROXY_BINARY], { ...proxyEnv, API_BASE_URL: tlsUpstream, PORT: String(tlsProxyPort), LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? "info" });
@@ -234,12 +232,13 @@ const peakAfterAllLoads = memoryKiB(proxy.pid, "VmHWM");
 // off (warn) and both off (uncounted at warn), run in triplets with the order
 // rotated, each judged by the median of its per-triplet ratios. A
 // round-to-round spread of ±4 % on this machine made a three-round figure
-// read anywhere from 0.905 to 0.974 for the same build. Ten routes (the
-// shipped build at info) join the rotation, judged against both on.
-const COST_TRIPLETS = Number(process.env.BENCH_COST_TRIPLETS ?? 30);
+// read anywhere from 0.905 to 0.974 for the same build. Ten routes and a
+// two-backend pool (the shipped build at info) join the rotation, judged
+// against both on.
+const COST_TRIPLETS = Number(process.env.BENCH_COST_TRIPLETS ?? 20);
 const postRps = (port: number) => wrk(`http://127.0.0.1:${port}${CHAT_PATH}`, 64, join(ROOT, "bench/post.lua")).rps;
-const costArms = { bothOn: countedProxyPort, linesOff: quietProxyPort, bothOff: uncountedProxyPort, routes: routesProxyPort };
-const costRps: Record<keyof typeof costArms, number[]> = { bothOn: [], linesOff: [], bothOff: [], routes: [] };
+const costArms = { bothOn: countedProxyPort, linesOff: quietProxyPort, bothOff: uncountedProxyPort, routes: routesProxyPort, pool: poolProxyPort };
+const costRps: Record<keyof typeof costArms, number[]> = { bothOn: [], linesOff: [], bothOff: [], routes: [], pool: [] };
 for (let triplet = 0; triplet < COST_TRIPLETS; triplet++) {
   const arms = Object.keys(costArms) as (keyof typeof costArms)[];
   for (let step = 0; step < arms.length; step++) {
@@ -260,6 +259,13 @@ const countingCost = costRatio("bothOn", "bothOff");
 const accessLineCost = costRatio("bothOn", "linesOff");
 const metricsCost = costRatio("linesOff", "bothOff");
 const routesCost = costRatio("routes", "bothOn");
+const poolCost = costRatio("pool", "bothOn");
+// One failover at c=1: the pool's p50 less the single upstream's, in alternating rounds.
+const failoverAdded: number[] = [];
+for (let round = 0; round < ROUNDS * 2; round++) {
+  const single = wrk(`http://127.0.0.1:${countedProxyPort}${CHAT_PATH}`, 1, join(ROOT, "bench/post.lua")).p50;
+  failoverAdded.push(wrk(`http://127.0.0.1:${failoverProxyPort}${CHAT_PATH}`, 1, join(ROOT, "bench/post.lua")).p50 - single);
+}
 
 // Does auth-proxy reuse its TLS connections to the upstream? The upstream counts the connections it accepted.
 await fetch(`${tlsUpstream}/stats?reset`, { tls: { ca: readFileSync(tls.caPath, "utf8") } });
@@ -360,6 +366,16 @@ const checks = [
     `Ten routes at c=64 ≥ 0.97 × one upstream (same build, access lines on)`,
     `${routesCost.median.toFixed(3)} × (median of ${COST_TRIPLETS} rounds, ${routesCost.min.toFixed(3)}-${routesCost.max.toFixed(3)}; ${Math.round(median(costRps.routes)).toLocaleString("en-US")} vs ${Math.round(median(costRps.bothOn)).toLocaleString("en-US")} req/s; the request matched by the tenth route, after nine longer prefixes)`,
     routesCost.median >= 0.97,
+  ],
+  [
+    `Two-backend pool, healthy primary, at c=64 ≥ 0.9 × one upstream (bodies held for failover)`,
+    `${poolCost.median.toFixed(3)} × (median of ${COST_TRIPLETS} rounds, ${poolCost.min.toFixed(3)}-${poolCost.max.toFixed(3)}; ${Math.round(median(costRps.pool)).toLocaleString("en-US")} req/s)`,
+    poolCost.median >= 0.9,
+  ],
+  [
+    `One failover (429 then 200) adds ≤ 1 ms at c=1 beyond the first backend's own answer (p50)`,
+    `${(median(failoverAdded) - m("direct", "post1")).toFixed(3)} ms (pool − one upstream: ${median(failoverAdded).toFixed(3)} ms, of which the first backend's own answer, direct: ${m("direct", "post1").toFixed(3)} ms; ${ROUNDS * 2} rounds)`,
+    median(failoverAdded) - m("direct", "post1") <= 1,
   ],
   [`Upstream over TLS: connections reused (≤ 128 TLS connections for a c=64 run)`, `${(tlsMedian("auth-proxy", "rps64") / tlsMedian("nginx", "rps64")).toFixed(2)} × nginx over TLS (plain HTTP in the same run: ${(m("auth-proxy", "rps64") / m("nginx", "rps64")).toFixed(2)} ×); ${reuse.requests.toLocaleString("en-US")} requests at c=64 used ${tlsConnections} upstream TLS connections`, tlsConnections <= 64 * 2],
   [`WebSocket round trip p50 at 1 session ≤ direct + 0.3 ms`, `+${wsAdded.toFixed(3)} ms (nginx +${(wsMedian("nginx", "rtt1") - wsMedian("direct", "rtt1")).toFixed(3)} ms); 64 sessions: ${(wsMedian("auth-proxy", "fps64") / wsMedian("nginx", "fps64")).toFixed(2)} × nginx's frames/s`, wsAdded <= 0.3],

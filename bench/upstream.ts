@@ -1,6 +1,6 @@
 /**
  * The benchmark's and the soak's upstream: a fast fake Azure OpenAI.
- * POST answers a ~1 KB chat completion; /sse streams 50 events 5 ms apart;
+ * POST answers a ~1 KB chat completion (429 under /always-429/); /sse streams 50 events 5 ms apart;
  * /slow-sse 20 events 500 ms apart; /1mb a 1 MB body; /big?mb=N N MiB sent as
  * fast as the reader takes them; /hold?events=N&interval=MS
  * N events then `data: [DONE]`; /silent?ms= answers after a silence;
@@ -81,6 +81,8 @@ const server = Bun.serve({
     const url = req.url;
     if (req.method === "POST") {
       await req.arrayBuffer();
+      // A throttled deployment that names no rest: a pool's first backend in the failover bench.
+      if (url.includes("/always-429/")) return new Response('{"error":{"code":"429","message":"throttled"}}', { status: 429, headers: { ...completionHeaders, "retry-after-ms": "0" } });
       return new Response(completion, { headers: completionHeaders });
     }
     const path = url.slice(url.indexOf("/", url.indexOf("//") + 2)).split("?")[0]!;
