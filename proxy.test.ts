@@ -40,7 +40,7 @@ import {
   requestTarget,
   upstreamSubprotocols,
   websocketBaseUrl,
-  websocketProxyFor,
+  outboundProxyFor,
   withoutCredentialParameters,
 } from "./proxy.ts";
 import { CertificateFactory, type ClientCertificate } from "./test/certificates.ts";
@@ -193,6 +193,13 @@ describe("Invocation", () => {
     expect(proxy.stderr).toContain("--help");
   });
 
+  test("a stray argument is a configuration error naming it", async () => {
+    const proxy = spawnProxy(baseEnv(), ["extra-arg", "--check"]);
+    expect(await proxy.exited).toBe(2);
+    expect(proxy.stderr).toContain("unknown argument extra-arg");
+    expect(proxy.stdout).toBe("");
+  });
+
   test("flags override the environment", async () => {
     const proxy = await startProxy(baseEnv({ API_BASE_URL: "http://127.0.0.1:9/wrong", LOG_LEVEL: "error" }), [
       "--api-base-url", `${upstream.url}/from-flag`,
@@ -217,7 +224,8 @@ describe("Invocation", () => {
       client_id: CLIENT_ID,
       tenant_id: entra.tenantId,
       scope: "https://cognitiveservices.azure.com/.default",
-      certificate_thumbprint_sha256: thumbprint,
+      // The log lines' name for it: one name for one thing.
+      certificate_thumbprint: thumbprint,
     });
     expect(Date.parse(summary.token_expires_on)).toBeGreaterThan(Date.now());
     expect(entra.issued.size).toBe(before + 1);
@@ -356,17 +364,53 @@ describe("Startup", () => {
     expect(await withChain.exited).toBe(0);
   });
 
-  test("token requests go through HTTPS_PROXY, and NO_PROXY bypasses it", async () => {
+  test("token requests go through HTTPS_PROXY, and NO_PROXY bypasses it; --check names the proxy, never its credentials", async () => {
     const corporate = await startConnectProxy();
     try {
-      const proxied = spawnProxy(baseEnv({ HTTPS_PROXY: `http://127.0.0.1:${corporate.port}` }), ["--check"]);
+      const proxied = spawnProxy(baseEnv({ HTTPS_PROXY: `http://proxyuser:proxy-password@127.0.0.1:${corporate.port}` }), ["--check"]);
       expect(await proxied.exited).toBe(0);
       expect(corporate.tunnels).toEqual([new URL(entra.authorityHost).host]);
+      expect(JSON.parse(proxied.stdout)).toMatchObject({ outbound_proxy_token: `127.0.0.1:${corporate.port}`, outbound_proxy_upstream: "none" });
+      expect(proxied.stdout).not.toContain("proxy-password");
       const bypassed = spawnProxy(baseEnv({ HTTPS_PROXY: `http://127.0.0.1:${corporate.port}`, NO_PROXY: "127.0.0.1" }), ["--check"]);
       expect(await bypassed.exited).toBe(0);
       expect(corporate.tunnels).toHaveLength(1);
     } finally {
       corporate.close();
+    }
+  });
+
+  test("behind a dead outbound proxy, the failure names the proxy (host and port), not only the identity provider", async () => {
+    const dead = freePort();
+    const proxy = spawnProxy(baseEnv({ HTTPS_PROXY: `http://user:secret-proxy-pw@127.0.0.1:${dead}` }), ["--check"]);
+    expect(await proxy.exited).toBe(1);
+    expect(proxy.stderr).toContain(`token request to ${entra.authorityHost} through the outbound proxy 127.0.0.1:${dead} failed`);
+    expect(proxy.stderr).not.toContain("secret-proxy-pw");
+  });
+
+  test("the startup line says which outbound proxy token and API traffic take", async () => {
+    const corporate = await startConnectProxy();
+    try {
+      const proxy = await startProxy(baseEnv({ HTTPS_PROXY: `http://127.0.0.1:${corporate.port}`, API_BASE_URL: "https://my-resource.openai.azure.com" }));
+      const started = await proxy.waitForLog((line) => line.msg === "auth-proxy started");
+      expect(started).toMatchObject({ outbound_proxy_token: `127.0.0.1:${corporate.port}`, outbound_proxy_upstream: `127.0.0.1:${corporate.port}` });
+      await proxy.stop();
+    } finally {
+      corporate.close();
+    }
+  });
+
+  test("a .env file in the working folder configures neither `bun proxy.ts` nor the binary", async () => {
+    const dotenv = join(ROOT, ".env");
+    if (existsSync(dotenv)) return; // a developer's own .env is left alone; CI's checkout has none
+    writeFileSync(dotenv, "LOG_LEVEL=bogus\nAPI_BASE_URL=ftp://from-dotenv\n");
+    try {
+      const proxy = await startProxy(baseEnv());
+      await proxy.waitForHealth();
+      expect(proxy.lines.find((line) => line.msg === "auth-proxy started")).toBeDefined();
+      await proxy.stop();
+    } finally {
+      rmSync(dotenv, { force: true });
     }
   });
 
@@ -426,10 +470,11 @@ describe("Endpoints the proxy owns", () => {
     }
   });
 
-  test("--healthcheck and --livecheck probe the running proxy at HOST:PORT and exit 0, within 2 s", async () => {
+  test("--healthcheck and --livecheck probe the running proxy at HOST:PORT and exit 0, within 2 s, whatever HTTP_PROXY says", async () => {
     for (const [flag, host] of [["--healthcheck", "127.0.0.1"], ["--livecheck", "0.0.0.0"]] as const) {
       const startedAt = performance.now();
-      const probe = spawnProxy({ HOST: host, PORT: String(proxy.port) }, [flag]);
+      // A loopback probe never takes the outbound proxy (here one where nothing listens).
+      const probe = spawnProxy({ HOST: host, PORT: String(proxy.port), HTTP_PROXY: `http://127.0.0.1:${freePort()}`, http_proxy: `http://127.0.0.1:${freePort()}` }, [flag]);
       expect(await probe.exited).toBe(0);
       expect(performance.now() - startedAt).toBeLessThan(2000);
       expect(probe.stdout).toContain('200 {"status":"ok"}');
@@ -1900,6 +1945,13 @@ describe("Identities", () => {
     }
   }, 30_000);
 
+  test("--check's failure and its hint are two sentences, not one run-on line", async () => {
+    const dead = freePort();
+    const proxy = spawnProxy({ ...baseEnv({ AZURE_AUTH_MODE: "managed-identity", AZURE_CERTIFICATE_PATH: undefined }), IDENTITY_ENDPOINT: `http://127.0.0.1:${dead}/msi/token`, IDENTITY_HEADER: "h" }, ["--check"]);
+    expect(await proxy.exited).toBe(1);
+    expect(proxy.stderr).toMatch(/failed: [^\n]*\. The managed identity endpoint \([A-Za-z ]+\) did not answer/);
+  });
+
   test("managed identity endpoint down at start: 503 with Retry-After and recovery; one that never answers (off Azure) is given up within 10 s and said plainly", async () => {
     const port = freePort();
     const imds = new FakeManagedIdentityEndpoint(entra, "imds");
@@ -2953,17 +3005,17 @@ describe("Pure pieces", () => {
     expect(credential.subject).toBe("CN=order");
   });
 
-  test("websocketProxyFor follows HTTPS_PROXY/HTTP_PROXY and NO_PROXY as curl does", () => {
+  test("outboundProxyFor follows HTTPS_PROXY/HTTP_PROXY and NO_PROXY as curl does", () => {
     const proxy = "http://proxy.corp:3128";
-    expect(websocketProxyFor("https://x.openai.azure.com", { HTTPS_PROXY: proxy })).toBe(proxy);
-    expect(websocketProxyFor("https://x.openai.azure.com", { https_proxy: proxy })).toBe(proxy);
-    expect(websocketProxyFor("http://10.0.0.1:8080", { HTTPS_PROXY: proxy })).toBeUndefined();
-    expect(websocketProxyFor("http://10.0.0.1:8080", { HTTP_PROXY: proxy })).toBe(proxy);
-    expect(websocketProxyFor("https://x.openai.azure.com", { HTTPS_PROXY: proxy, NO_PROXY: ".azure.com" })).toBeUndefined();
-    expect(websocketProxyFor("https://x.openai.azure.com", { HTTPS_PROXY: proxy, NO_PROXY: "openai.azure.com" })).toBeUndefined();
-    expect(websocketProxyFor("https://x.openai.azure.com", { HTTPS_PROXY: proxy, NO_PROXY: "*" })).toBeUndefined();
-    expect(websocketProxyFor("https://x.openai.azure.com", { HTTPS_PROXY: proxy, NO_PROXY: "x.openai.azure.com:8443" })).toBe(proxy);
-    expect(websocketProxyFor("https://x.openai.azure.com", { HTTPS_PROXY: proxy, NO_PROXY: "ai.azure.com" })).toBe(proxy);
+    expect(outboundProxyFor("https://x.openai.azure.com", { HTTPS_PROXY: proxy })).toBe(proxy);
+    expect(outboundProxyFor("https://x.openai.azure.com", { https_proxy: proxy })).toBe(proxy);
+    expect(outboundProxyFor("http://10.0.0.1:8080", { HTTPS_PROXY: proxy })).toBeUndefined();
+    expect(outboundProxyFor("http://10.0.0.1:8080", { HTTP_PROXY: proxy })).toBe(proxy);
+    expect(outboundProxyFor("https://x.openai.azure.com", { HTTPS_PROXY: proxy, NO_PROXY: ".azure.com" })).toBeUndefined();
+    expect(outboundProxyFor("https://x.openai.azure.com", { HTTPS_PROXY: proxy, NO_PROXY: "openai.azure.com" })).toBeUndefined();
+    expect(outboundProxyFor("https://x.openai.azure.com", { HTTPS_PROXY: proxy, NO_PROXY: "*" })).toBeUndefined();
+    expect(outboundProxyFor("https://x.openai.azure.com", { HTTPS_PROXY: proxy, NO_PROXY: "x.openai.azure.com:8443" })).toBe(proxy);
+    expect(outboundProxyFor("https://x.openai.azure.com", { HTTPS_PROXY: proxy, NO_PROXY: "ai.azure.com" })).toBe(proxy);
   });
 
   test("WebSocket pieces: ws/wss base, credential query parameters and subprotocols removed, the rest kept", () => {
@@ -3042,6 +3094,26 @@ describe("Deployment artifacts", () => {
   const deployments = manifests.filter(({ doc }) => doc.kind === "Deployment");
   const proxyOf = (doc: any) => [...(doc.spec.template.spec.initContainers ?? []), ...doc.spec.template.spec.containers].find((c: any) => c.name === "auth-proxy");
   const envOf = (container: any) => Object.fromEntries(container.env.map((e: any) => [e.name, e.value]));
+
+  test("each manifest applies alone: every Secret and ServiceAccount a Deployment names is in its own file", () => {
+    for (const { file, doc } of deployments) {
+      const spec = doc.spec.template.spec;
+      const secrets = (spec.volumes ?? []).flatMap((volume: any) => (volume.secret ? [volume.secret.secretName] : []));
+      const inFile = (kind: string, name: string) => manifests.some((other) => other.file === file && other.doc.kind === kind && other.doc.metadata.name === name);
+      for (const name of secrets) expect(inFile("Secret", name), `${file}: Secret ${name}`).toBe(true);
+      if (spec.serviceAccountName) expect(inFile("ServiceAccount", spec.serviceAccountName), `${file}: ServiceAccount`).toBe(true);
+    }
+  });
+
+  test("the app's environment works for LiteLLM and the OpenAI SDKs alike, and keeps localhost off any outbound proxy", () => {
+    for (const { file, doc } of deployments) {
+      const app = doc.spec.template.spec.containers.find((container: any) => container.name === "app");
+      expect(Object.keys(envOf(app)).sort(), file).toEqual(
+        ["AZURE_API_BASE", "AZURE_API_KEY", "AZURE_API_VERSION", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", "NO_PROXY", "OPENAI_API_VERSION"].sort(),
+      );
+      expect(envOf(app).AZURE_OPENAI_ENDPOINT).toBe("http://127.0.0.1:8080");
+    }
+  });
 
   test("every Kubernetes manifest validates against the Kubernetes OpenAPI schemas", () => {
     expect(deployments.map(({ file }) => file).sort()).toEqual(["classic-sidecar.yaml", "native-sidecar.yaml", "workload-identity.yaml"]);
@@ -3132,8 +3204,11 @@ describe("Deployment artifacts", () => {
     const monitor = Bun.YAML.parse(readFileSync(join(ROOT, "deploy/monitoring/pod-monitor.yaml"), "utf8")) as any;
     expect(monitor.kind).toBe("PodMonitor");
     expect(monitor.spec.podMetricsEndpoints).toEqual([{ port: "admin", path: "/metrics", interval: "30s" }]);
-    const native = deployments.find(({ file }) => file === "native-sidecar.yaml")!.doc;
-    expect(monitor.spec.selector.matchLabels).toEqual(native.spec.template.metadata.labels);
+    // Every manifest's pods are selected, the classic sidecar's too.
+    for (const { file, doc } of deployments) {
+      const labels = doc.spec.template.metadata.labels;
+      for (const [key, value] of Object.entries(monitor.spec.selector.matchLabels)) expect(labels[key], file).toBe(value);
+    }
   });
 
   test("the Dockerfile builds with the pinned Bun, the shared build script and rootfs layout, and runs as uid 65532", () => {
@@ -3162,6 +3237,49 @@ describe("Deployment artifacts", () => {
     expect(service.volumes).toEqual(["./certs:/certs:ro"]);
     expect(service.read_only).toBe(true);
     expect(service.ports).toEqual(["127.0.0.1:8080:8080"]);
+    // The build passes the revision, and the certificate folder and .env stay out of git.
+    expect(service.build.args.GIT_COMMIT).toBe("${GIT_COMMIT:-unknown}");
+    const ignored = readFileSync(join(ROOT, ".gitignore"), "utf8").split("\n");
+    expect(ignored).toContain("certs/");
+    expect(ignored).toContain(".env");
+  });
+});
+
+// ---------------------------------------------------------------- documentation
+
+describe("Documentation", () => {
+  /** The text of a README section: from its heading to the next heading of the same or a higher level. */
+  function section(markdown: string, heading: string): string {
+    const start = markdown.indexOf(`\n${heading}`);
+    expect(start, heading).toBeGreaterThan(-1);
+    const level = heading.split(" ")[0]!;
+    const next = markdown.slice(start + heading.length + 1).search(new RegExp(`\\n#{1,${level.length}} `));
+    return markdown.slice(start, next === -1 ? undefined : start + heading.length + 1 + next);
+  }
+
+  test("measured figures live in bench/RESULTS.md: what the README's Performance and Known limits quote is there, the manifests quote none", () => {
+    const results = readFileSync(join(ROOT, "bench/RESULTS.md"), "utf8");
+    const readme = readFileSync(join(ROOT, "README.md"), "utf8");
+    const measured = /\d[\d,.]*\s?(MB|ms|µs|req\/s|×)(?![\w/])/g;
+    let quoted = 0;
+    for (const heading of ["## Performance", "### Known limits"]) {
+      for (const [figure] of section(readme, heading).matchAll(measured)) {
+        quoted += 1;
+        expect(results, `README ${heading} quotes ${figure}`).toContain(figure);
+      }
+    }
+    expect(quoted).toBeGreaterThan(0); // the check can fail: the Known limits quote RESULTS' figures
+    for (const file of readdirSync(join(ROOT, "deploy/kubernetes"))) {
+      const text = readFileSync(join(ROOT, "deploy/kubernetes", file), "utf8");
+      expect(text.match(/\d[\d,.]*\s?(MB|req\/s)\b/g), file).toBeNull();
+    }
+  });
+
+  test("LICENSE says what package.json and the image labels say (MIT); a CHANGELOG exists", () => {
+    expect(packageJson.license).toBe("MIT");
+    expect(readFileSync(join(ROOT, "LICENSE"), "utf8")).toStartWith("MIT License");
+    expect(readFileSync(join(ROOT, "Dockerfile"), "utf8")).toContain('org.opencontainers.image.licenses="MIT"');
+    expect(readFileSync(join(ROOT, "CHANGELOG.md"), "utf8")).toContain("## Unreleased");
   });
 });
 

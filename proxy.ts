@@ -1159,7 +1159,10 @@ async function sendTokenRequest<T>(
     });
   } catch (error) {
     const reason = (error as Error).name === "TimeoutError" ? `no answer within ${timeoutMs / SECOND} s` : errorMessage(error);
-    throw await networkError(`token request to ${new URL(url).origin} failed: ${reason}`, UNREACHABLE);
+    // Through an outbound proxy, a refusal or a timeout may be the proxy's own: name it.
+    const proxy = outboundProxyFor(url, process.env);
+    const via = proxy === undefined ? "" : ` through the outbound proxy ${proxyAddress(proxy)}`;
+    throw await networkError(`token request to ${new URL(url).origin}${via} failed: ${reason}`, UNREACHABLE);
   }
   const origin = new URL(url).origin;
   if (response.status >= 300 && response.status < 400) {
@@ -1958,7 +1961,7 @@ export function buildRoutes(config: Pick<Config, "routes" | "routesFile">, ident
           index,
           url: backend.url,
           websocketBaseUrl: websocketBaseUrl(backend.url),
-          websocketProxy: websocketProxyFor(backend.url, env),
+          websocketProxy: outboundProxyFor(backend.url, env),
           origin: backend.origin,
           name: backend.name,
           priority: backend.priority,
@@ -2732,7 +2735,7 @@ export function websocketBaseUrl(apiBaseUrl: string): string {
  * choice explicitly: curl's rules, with NO_PROXY entries matching the host
  * or a domain suffix, an optional port, and `*` for every host.
  */
-export function websocketProxyFor(apiBaseUrl: string, env: Environment): string | undefined {
+export function outboundProxyFor(apiBaseUrl: string, env: Environment): string | undefined {
   const url = new URL(apiBaseUrl);
   const proxy = url.protocol === "https:" ? env.HTTPS_PROXY || env.https_proxy : env.HTTP_PROXY || env.http_proxy;
   if (!proxy) return undefined;
@@ -2747,6 +2750,15 @@ export function websocketProxyFor(apiBaseUrl: string, env: Environment): string 
     if (host === domain || host.endsWith(`.${domain}`)) return undefined;
   }
   return proxy;
+}
+
+/** An outbound proxy as logs may name it: host and port, never its credentials. */
+export function proxyAddress(proxy: string): string {
+  try {
+    return new URL(proxy).host;
+  } catch {
+    return "(unparsable proxy URL)";
+  }
 }
 
 /** The request target without credential query parameters; every other byte of the query stays as sent. */
@@ -3469,7 +3481,8 @@ export function probeUrl(host: string, port: string, path: "/health" | "/live"):
 async function probe(env: Environment, flags: Flags, path: "/health" | "/live"): Promise<never> {
   const url = probeUrl(readSetting("host", env, flags).value!, readSetting("port", env, flags).value!, path);
   try {
-    const response = await fetch(url, { signal: AbortSignal.timeout(HEALTHCHECK_TIMEOUT_MS) });
+    // Bun's fetch sends even loopback through HTTP_PROXY: a probe of the proxy itself never takes an outbound proxy.
+    const response = await fetch(bypassProxyFor(url), { signal: AbortSignal.timeout(HEALTHCHECK_TIMEOUT_MS) });
     process.stdout.write(`${response.status} ${await response.text()}\n`);
     process.exit(response.status === 200 ? 0 : 1);
   } catch (error) {
@@ -3497,6 +3510,18 @@ function identitySummary(config: Config, identity: Identity): Record<string, str
   };
 }
 
+/**
+ * The outbound proxies (HTTPS_PROXY/NO_PROXY) token and API traffic take,
+ * for the startup line and --check: host and port only. Managed identity
+ * endpoints live on the host and are never asked through one.
+ */
+function outboundProxySummary(config: Config): Record<string, string> {
+  const token = config.authMode === "managed-identity" ? undefined : outboundProxyFor(tokenEndpoint(config), process.env);
+  const upstream = [...new Set(config.routes.flatMap((route) => route.backends).flatMap((backend) => outboundProxyFor(backend.url, process.env) ?? []).map(proxyAddress))];
+  if (token === undefined && upstream.length === 0) return {};
+  return { outbound_proxy_token: token === undefined ? "none" : proxyAddress(token), outbound_proxy_upstream: upstream.length === 0 ? "none" : upstream.join(", ") };
+}
+
 /** With a routes file: each route's prefix, scope and backends' origins, for the startup line and --check. */
 function routesSummary(config: Config): Record<string, unknown> {
   if (config.routesFile === undefined) {
@@ -3516,11 +3541,10 @@ async function check(config: Config, identity: Identity): Promise<never> {
   try {
     const expiries: Record<string, string> = {};
     for (scope of scopes) expiries[scope] = new Date(checkTokenLifetime(await identity.requestToken(scope), Date.now()).expiresOnMs).toISOString();
-    const { certificate_thumbprint, ...summary } = identitySummary(config, identity);
     const report = {
       status: "ok",
-      ...summary,
-      certificate_thumbprint_sha256: certificate_thumbprint,
+      ...identitySummary(config, identity),
+      ...outboundProxySummary(config),
       ...(scopes.length === 1 ? { scope, token_expires_on: expiries[scope] } : {}),
       ...(config.routesFile === undefined ? {} : { scopes: expiries, ...routesSummary(config) }),
       token_endpoint: config.authMode === "managed-identity" ? undefined : tokenEndpoint(config),
@@ -3531,11 +3555,11 @@ async function check(config: Config, identity: Identity): Promise<never> {
     const { message, aadsts } = describeTokenError(error);
     const certificate = identity.certificate;
     const hint = identity.hint(error, aadsts);
-    fail([
-      `--check failed (${config.authMode} mode${scopes.length > 1 ? `, scope ${scope}` : ""}): ${aadsts && !message.includes(aadsts) ? `${aadsts}: ` : ""}${message}` +
-        (certificate ? ` (certificate SHA-256 ${certificate.thumbprintSha256}, SHA-1 ${certificate.thumbprintSha1})` : "") +
-        (hint ? ` ${hint}` : ""),
-    ]);
+    // Each part a sentence of its own: the failure, then what to do about it.
+    const failure =
+      `--check failed (${config.authMode} mode${scopes.length > 1 ? `, scope ${scope}` : ""}): ${aadsts && !message.includes(aadsts) ? `${aadsts}: ` : ""}${message.replace(/\.$/, "")}` +
+      (certificate ? ` (certificate SHA-256 ${certificate.thumbprintSha256}, SHA-1 ${certificate.thumbprintSha1})` : "");
+    fail([hint ? `${failure}. ${hint[0]!.toUpperCase()}${hint.slice(1)}` : failure]);
   }
 }
 
@@ -3548,6 +3572,8 @@ export async function main(argv: string[]): Promise<void> {
   } catch (error) {
     fail([`${errorMessage(error)} (see --help)`], 2);
   }
+  const stray = flags._ as string[] | undefined;
+  if (stray !== undefined && stray.length > 0) fail([`unknown argument ${stray[0]} (flags start with --; see --help)`], 2);
   if (flags["--help"]) return void process.stdout.write(HELP);
   if (flags["--version"]) return void process.stdout.write(`${VERSION}\n`);
   if (flags["--healthcheck"]) return probe(process.env, flags, "/health");
@@ -3584,6 +3610,7 @@ export async function main(argv: string[]): Promise<void> {
     listen: `${config.host}:${proxy.server.port}`,
     ...routesSummary(config),
     ...identitySummary(config, identity),
+    ...outboundProxySummary(config),
     admin_listen: proxy.admin === undefined ? undefined : `${config.adminHost}:${proxy.admin.port}`,
     caller_keys: config.callerKeys === undefined ? "off" : "file" in config.callerKeys ? "PROXY_API_KEYS_FILE" : "PROXY_API_KEYS",
   });

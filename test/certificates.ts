@@ -47,9 +47,10 @@ export class CertificateFactory {
   }
 
   /** A self-signed RSA client certificate, as users upload to an app registration. */
-  client(name: string, keyOptions = ["-newkey", "rsa:2048"]): ClientCertificate {
+  /** An app registration's certificate; `days` 2 by default, so the expiry warning has something to warn of. */
+  client(name: string, keyOptions = ["-newkey", "rsa:2048"], days = 2): ClientCertificate {
     this.serial += 1;
-    this.openssl("req", "-x509", ...keyOptions, "-nodes", "-keyout", `${name}.key`, "-out", `${name}.crt`, "-days", "2", "-subj", `/CN=${name}`, "-set_serial", String(this.serial));
+    this.openssl("req", "-x509", ...keyOptions, "-nodes", "-keyout", `${name}.key`, "-out", `${name}.crt`, "-days", String(days), "-subj", `/CN=${name}`, "-set_serial", String(this.serial));
     const certificatePem = this.read(`${name}.crt`);
     const privateKeyPem = this.read(`${name}.key`);
     return { pemPath: this.write(`${name}.pem`, certificatePem + privateKeyPem), certificatePem, privateKeyPem };

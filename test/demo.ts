@@ -14,7 +14,8 @@ const step = (text: string) => console.log(`\n▶ ${text}`);
 step("Generating a CA for the fake Entra ID and a client certificate for the app registration");
 const certs = new CertificateFactory();
 const tls = certs.serverTls();
-const app = certs.client("demo-app");
+// 90 days: well past the 30-day expiry warning, which is not what the demo is about.
+const app = certs.client("demo-app", undefined, 90);
 const entra = new FakeEntraId(tls).start();
 entra.register({ clientId: CLIENT_ID, certificates: [app.certificatePem] });
 const upstream = await new FakeAzureOpenAI(entra).start();
@@ -48,7 +49,7 @@ try {
   const events = proxy.lines.find((line) => line.msg === "request");
   console.log(
     ok
-      ? `\n✔ Streamed through auth-proxy: the upstream got a bearer token from the fake Entra ID and no api-key (access log: ${events?.status} in ${events?.duration_ms} ms to first byte).`
+      ? `\n✔ Streamed through auth-proxy: the upstream got a bearer token from the fake Entra ID and no api-key (access log: ${events?.status}, first byte after ${events?.ttfb_ms} ms, whole stream ${events?.duration_ms} ms).`
       : `\n✘ Something went wrong; proxy output:\n${proxy.stdout}${proxy.stderr}`,
   );
   exitCode = ok ? 0 : 1;
