@@ -9,9 +9,12 @@
  *
  * Usage: bun bench/ab.ts <baseline-binary> <candidate-binary> [more candidates...]
  *        (AB_ROUNDS=20, AB_SECONDS=3, AB_SSE=0 to measure throughput only)
+ * An arm `binary::routes.yaml` runs that binary with a routes file instead of
+ * API_BASE_URL, `@UPSTREAM@` in it replaced by the bench upstream's URL: the
+ * same build with one upstream against ten routes, or a pool.
  */
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
@@ -64,7 +67,13 @@ try {
   await waitForStatus(`http://127.0.0.1:${upstreamPort}/`);
   const env = { ...identityEnv, API_BASE_URL: `http://127.0.0.1:${upstreamPort}`, LOG_LEVEL: "info" };
   const ports = binaries.map(() => freePort());
-  const pids = binaries.map((binary, arm) => serve([binary], { ...env, PORT: String(ports[arm]) }));
+  const pids = binaries.map((arm, index) => {
+    const [binary, routesTemplate] = arm.split("::") as [string, string | undefined];
+    if (routesTemplate === undefined) return serve([binary], { ...env, PORT: String(ports[index]) });
+    const routes = join(work, `routes-${index}.yaml`);
+    writeFileSync(routes, readFileSync(routesTemplate, "utf8").replaceAll("@UPSTREAM@", env.API_BASE_URL));
+    return serve([binary], { ...env, API_BASE_URL: undefined, AUTH_PROXY_ROUTES: routes, PORT: String(ports[index]) });
+  });
   for (const port of ports) await waitForStatus(`http://127.0.0.1:${port}/health`);
 
   const rps = binaries.map(() => [] as number[]);

@@ -142,12 +142,12 @@ await waitFor(`http://127.0.0.1:${routesProxyPort}/health`);
 // a failover that never comes), and a primary that answers every request 429 (retry-after-ms: 0, so it is
 // asked again each time): the cost of one failover.
 const poolFile = join(work, "pool.yaml");
-writeFileSync(poolFile, `routes:\n  - prefix: /\n    backends:\n      - url: ${upstream}\n      - url: ${upstream}/second\n        priority: 2\n`);
+writeFileSync(poolFile, `routes:\n  - prefix: /\n    backends:\n      - { url: "${upstream}", name: primary }\n      - { url: "${upstream}/second", name: secondary, priority: 2 }\n`);
 const poolProxyPort = freePort();
 serve([PROXY_BINARY], { ...proxyEnv, API_BASE_URL: undefined, AUTH_PROXY_ROUTES: poolFile, PORT: String(poolProxyPort), LOG_LEVEL: "info" });
 await waitFor(`http://127.0.0.1:${poolProxyPort}/health`);
 const failoverFile = join(work, "failover.yaml");
-writeFileSync(failoverFile, `routes:\n  - prefix: /\n    backends:\n      - url: ${upstream}/always-429\n      - url: ${upstream}\n        priority: 2\n`);
+writeFileSync(failoverFile, `routes:\n  - prefix: /\n    backends:\n      - { url: "${upstream}/always-429", name: throttled }\n      - { url: "${upstream}", name: serving, priority: 2 }\n`);
 const failoverProxyPort = freePort();
 serve([PROXY_BINARY], { ...proxyEnv, API_BASE_URL: undefined, AUTH_PROXY_ROUTES: failoverFile, PORT: String(failoverProxyPort), LOG_LEVEL: "info" });
 await waitFor(`http://127.0.0.1:${failoverProxyPort}/health`);
