@@ -2169,33 +2169,25 @@ describe("Token lifecycle", () => {
     await proxy.stop();
   });
 
-  test("a token request that hangs is given up after 10 s and retried", async () => {
-    entra.outage = { kind: "hang" };
-    try {
-      const proxy = await startProxy(baseEnv());
-      const failure = await proxy.waitForLog((line) => line.msg === "token acquisition failed", 15_000);
-      expect(String(failure.error)).toContain("no answer within 10 s");
-      entra.outage = undefined;
-      await proxy.waitForHealth(200, 10_000);
-      await proxy.stop();
-    } finally {
-      resetEntra();
-    }
-  }, 40_000);
-
-  test("a token response that stalls mid-body is given up after 10 s, said as such, and retried", async () => {
-    entra.outage = { kind: "stall-body" };
-    try {
-      const proxy = await startProxy(baseEnv());
-      const failure = await proxy.waitForLog((line) => line.msg === "token acquisition failed", 15_000);
-      expect(String(failure.error)).toContain("no complete answer within 10 s");
-      entra.outage = undefined;
-      await proxy.waitForHealth(200, 10_000);
-      await proxy.stop();
-    } finally {
-      resetEntra();
-    }
-  }, 40_000);
+  const stalls = [
+    ["a token request that hangs is given up after 10 s and retried", { kind: "hang" }, "no answer within 10 s"],
+    ["a token response that stalls mid-body is given up after 10 s, said as such, and retried", { kind: "stall-body" }, "no complete answer within 10 s"],
+  ] as const;
+  for (const [name, outage, said] of stalls) {
+    test(name, async () => {
+      entra.outage = outage;
+      try {
+        const proxy = await startProxy(baseEnv());
+        const failure = await proxy.waitForLog((line) => line.msg === "token acquisition failed", 15_000);
+        expect(String(failure.error)).toContain(said);
+        entra.outage = undefined;
+        await proxy.waitForHealth(200, 10_000);
+        await proxy.stop();
+      } finally {
+        resetEntra();
+      }
+    }, 40_000);
+  }
 
   test("a 401 storm while the identity provider fails asks it no more often than the refresh backoff allows", async () => {
     try {
@@ -2785,6 +2777,19 @@ describe("Certificates", () => {
 // ---------------------------------------------------------------- signals
 
 describe("Signals", () => {
+  /** The rest of a stream opened before the signal arrives whole (over 10 events, not cut), then the proxy exits 0, drained. */
+  async function expectFinishedAndDrained(reader: { read(): Promise<{ done: boolean }> }, proxy: ProxyProcess): Promise<void> {
+    let events = 1;
+    for (;;) {
+      const { done } = await reader.read();
+      if (done) break;
+      events += 1;
+    }
+    expect(events).toBeGreaterThan(10);
+    expect(await proxy.exited).toBe(0);
+    expect(proxy.lines.at(-1)).toMatchObject({ msg: "stopped", drained: true });
+  }
+
   for (const signal of ["SIGTERM", "SIGINT"] as const) {
     test(`${signal}: /health turns 503 at once, no new requests are taken, in-flight streams finish, exit 0`, async () => {
       const proxy = await startProxy(baseEnv({ SHUTDOWN_TIMEOUT: "10" }));
@@ -2807,15 +2812,7 @@ describe("Signals", () => {
       expect(probe).not.toContain("200 OK");
       if (probe) expect(probe).toContain("503");
       await rejection(fetch(`${proxy.url}/openai/models`));
-      let events = 1;
-      for (;;) {
-        const { done } = await reader.read();
-        if (done) break;
-        events += 1;
-      }
-      expect(events).toBeGreaterThan(10);
-      expect(await proxy.exited).toBe(0);
-      expect(proxy.lines.at(-1)).toMatchObject({ msg: "stopped", drained: true });
+      await expectFinishedAndDrained(reader, proxy);
     });
   }
 
@@ -2830,15 +2827,7 @@ describe("Signals", () => {
     proxy.proc.kill("SIGTERM");
     proxy.proc.kill("SIGINT");
     await proxy.waitForLog((line) => line.msg === "signal ignored: already shutting down" && line.signal === "SIGINT");
-    let events = 1;
-    for (;;) {
-      const { done } = await reader.read();
-      if (done) break;
-      events += 1;
-    }
-    expect(events).toBeGreaterThan(10);
-    expect(await proxy.exited).toBe(0);
-    expect(proxy.lines.at(-1)).toMatchObject({ msg: "stopped", drained: true });
+    await expectFinishedAndDrained(reader, proxy);
   });
 
   /** A proxy in front of the fake realtime upstream, with one session open (its session.created received). */

@@ -1,15 +1,17 @@
 /**
  * auth-proxy: a sidecar that holds an Entra ID (Azure AD) access token, got
  * with a certificate, workload identity, managed identity or client secret,
- * and forwards every
- * request to API_BASE_URL with `Authorization: Bearer <token>`, streaming
+ * and forwards every request to API_BASE_URL (or, with a routes file, to
+ * its route's backends, a token per scope, the next backend answering when
+ * one throttles or fails) with `Authorization: Bearer <token>`, streaming
  * both ways and changing nothing else; WebSocket upgrades are relayed with
  * the token in the upstream handshake. The external contract is
  * shared/CONTRACT.md; the README explains it to users.
  *
- * The file reads as the journey: configuration -> credential -> identity ->
- * token manager -> metrics -> caller keys -> forwarding -> WebSocket relay ->
- * server and lifecycle -> main.
+ * The file reads as the journey: configuration (and the routes file) ->
+ * credential -> identity -> token manager -> metrics -> caller keys ->
+ * routes -> backend pools -> forwarding -> WebSocket relay -> server and
+ * lifecycle -> main.
  */
 import arg from "arg";
 import { createHash, createPrivateKey, createPublicKey, timingSafeEqual, X509Certificate, type KeyObject } from "node:crypto";

@@ -116,7 +116,7 @@ try {
     // Asynchronously: this process serves the fake Entra ID that --check calls.
     const summary = await runInImage([...chroot, "--check"], env, 15000);
     const parsed = summary.code === 0 ? JSON.parse(summary.stdout) : undefined;
-    check("--check acquires a token and prints its summary", parsed?.status === "ok", summary.stderr.trim() || `thumbprint ${parsed?.certificate_thumbprint_sha256}`);
+    check("--check acquires a token and prints its summary", parsed?.status === "ok" && /^[0-9A-F]{64}$/.test(parsed?.certificate_thumbprint ?? ""), summary.stderr.trim() || `thumbprint ${parsed?.certificate_thumbprint}`);
   } finally {
     await proxy.stop();
     entra.stop();
