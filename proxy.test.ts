@@ -1412,6 +1412,7 @@ routes:
     ["a scope that is not a /.default one", "routes:\n  - prefix: /\n    scope: https://search.azure.com/user_impersonation\n    backends: [{ url: https://a.example }]\n", ["routes[0].scope", "/.default"]],
     ["a priority or weight that is not a positive integer", "routes:\n  - prefix: /\n    backends:\n      - url: https://a.example\n        priority: 0\n      - url: https://b.example\n        weight: 1.5\n", ["routes[0].backends[0].priority must be a positive integer", "routes[0].backends[1].weight must be a positive integer"]],
     ["no backends", "routes:\n  - prefix: /\n    backends: []\n", ["routes[0].backends must list one to 32 backends"]],
+    ["two backends of one name, after a malformed one", "routes:\n  - prefix: /\n    backends:\n      - url: nowhere\n      - url: https://a.example\n      - url: https://a.example/other\n", ["routes[0].backends[0].url=nowhere is not a URL", "routes[0].backends[2] is named a.example like another backend"]],
   ];
   for (const [name, text, expected] of badFiles) {
     test(`a routes file with ${name}: exit 1 within 2 s, one line per fault naming the file and the place`, async () => {
@@ -1643,6 +1644,18 @@ describe("Backend pools", () => {
     expect(client.frames[0]).toBe("hello from ws-secondary");
     expect(primary.received).toHaveLength(1);
     client.socket.close();
+    await proxy.stop();
+  });
+
+  test("a route with one backend never rests it: its 429 passes through, and the next request reaches it again", async () => {
+    const only = backend("only").then({ status: 429, headers: { "retry-after": "60" }, body: "busy" });
+    const proxy = await poolProxy(route("/", [{ backend: only }]));
+    const throttled = await fetch(`${proxy.url}/x`);
+    expect(throttled.status).toBe(429);
+    expect(await throttled.text()).toBe("busy");
+    expect((await fetch(`${proxy.url}/x`)).status).toBe(200);
+    expect(only.received).toHaveLength(2);
+    expect(proxy.lines.filter((line) => line.msg === "backend resting")).toEqual([]);
     await proxy.stop();
   });
 

@@ -717,9 +717,12 @@ export function parseRoutes(text: string, defaultScope: string): { routes: Route
       return void faults.push(`${place}.backends must list one to ${MAX_BACKENDS} backends (- url: https://...)`);
     }
     const backends = entry.backends.map((backend: unknown, backendIndex: number) => parseBackend(backend, `${place}.backends[${backendIndex}]`, faults));
-    const names = backends.flatMap((backend) => (backend === undefined ? [] : [backend.name]));
-    for (const [backendIndex, name] of names.entries()) {
-      if (names.indexOf(name) !== backendIndex) faults.push(`${place}.backends[${backendIndex}] is named ${name} like another backend of the route (set name:)`);
+    // The place named is the backend's own in the file, whether or not an earlier one was malformed.
+    const names = new Set<string>();
+    for (const [backendIndex, backend] of backends.entries()) {
+      if (backend === undefined) continue;
+      if (names.has(backend.name)) faults.push(`${place}.backends[${backendIndex}] is named ${backend.name} like another backend of the route (set name:)`);
+      names.add(backend.name);
     }
     if (prefix !== undefined && typeof scope === "string" && typeof stripPrefix === "boolean" && backends.every((backend) => backend !== undefined)) {
       routes.push({ prefix, stripPrefix, scope, backends: backends as BackendConfig[] });
