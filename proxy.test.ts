@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createHash, randomBytes, X509Certificate } from "node:crypto";
 import { closeSync, constants as fsConstants, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import net from "node:net";
+import { brotliCompressSync, deflateSync, gzipSync } from "node:zlib";
 import { join } from "node:path";
 import { Deployment } from "kubernetes-models/apps/v1/Deployment";
 import { Secret } from "kubernetes-models/v1/Secret";
@@ -39,15 +40,19 @@ import {
   removeHopByHopHeaders,
   requestTarget,
   upstreamSubprotocols,
+  type Usage,
+  usageInBody,
+  usageTokens,
   websocketBaseUrl,
   outboundProxyFor,
   withoutCredentialParameters,
 } from "./proxy.ts";
 import { CertificateFactory, type ClientCertificate } from "./test/certificates.ts";
-import { type AppRegistration, FakeAzureOpenAI, FakeEntraId, FakeManagedIdentityEndpoint, FakeOidcIssuer, FakeRealtime, patternBytes, ScriptedBackend } from "./test/fakes.ts";
+import { type AppRegistration, type CannedAnswer, FakeAzureOpenAI, FakeEntraId, FakeManagedIdentityEndpoint, FakeOidcIssuer, FakeRealtime, patternBytes, ScriptedBackend } from "./test/fakes.ts";
 import { allOutput, freePort, type LogLine, memoryKiB, ROOT, ROUTES_MODE, spawnProxy, startProxy, stopAllProxies, type ProxyProcess } from "./test/harness.ts";
 import { chunkedBodyReader, idleCloseAfterResponse, openStream, rawRequest, readSlowly, startConnectProxy } from "./test/http.ts";
 import { promtool, scrape, valueOf } from "./test/prometheus.ts";
+import * as usage from "./test/usage.ts";
 import { rawUpgrade, TestSocket } from "./test/websocket.ts";
 
 const CLIENT_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
@@ -2740,6 +2745,243 @@ describe("Observability", () => {
   }, 60_000);
 });
 
+describe("Model token usage", () => {
+  let proxy: ProxyProcess;
+  beforeAll(async () => {
+    proxy = await startProxy(baseEnv());
+    await proxy.waitForHealth();
+  });
+  afterAll(() => proxy.stop());
+
+  type Tokens = { input: number; output: number; cached_input: number; reasoning: number };
+  /** The four series of one deployment and model, as /metrics has them now (0 where absent). */
+  async function tokensOf(deployment: string, model: string, url = proxy.url): Promise<Tokens> {
+    const { text, samples } = await scrape(url);
+    proxyBodies.push(text);
+    const of = (type: string) => valueOf(samples, "auth_proxy_model_tokens_total", { deployment, model, type }) ?? 0;
+    return { input: of("input"), output: of("output"), cached_input: of("cached_input"), reasoning: of("reasoning") };
+  }
+  const minus = (after: Tokens, before: Tokens): Tokens => ({ input: after.input - before.input, output: after.output - before.output, cached_input: after.cached_input - before.cached_input, reasoning: after.reasoning - before.reasoning });
+  const sha256 = (bytes: Uint8Array | string) => createHash("sha256").update(bytes).digest("hex");
+  let answerNumber = 0;
+  /** Registers a canned answer and returns its path under a deployment. */
+  function canned(answer: CannedAnswer, deployment = "usage-tests"): { path: string; name: string } {
+    const name = `answer-${(answerNumber += 1)}`;
+    upstream.answers.set(name, answer);
+    return { path: `/openai/deployments/${deployment}/test/answer/${name}`, name };
+  }
+  /** The access line of the last request to `path`, once written. */
+  const accessLine = (path: string) => proxy.waitForLog((line) => line.msg === "request" && line.path === path);
+
+  test("JSON answers of chat completions, completions, embeddings and the Responses API move the four series by exactly their usage; the access line carries the counts", async () => {
+    const kinds: [string, string, string, Tokens][] = [
+      ["chat", usage.chatCompletion(), "gpt-4o-2024-08-06", usage.CHAT_TOKENS],
+      ["completions", usage.completion(), "gpt-35-turbo-instruct", usage.COMPLETION_TOKENS],
+      ["embeddings", usage.embeddings(), "text-embedding-3-small", usage.EMBEDDINGS_TOKENS],
+      ["responses", usage.response(), "o4-mini-2025-04-16", usage.RESPONSES_TOKENS],
+      // Larger than the proxy takes whole (64 KiB): relayed, scanned as it passes.
+      ["embeddings-relayed", usage.embeddings(8), "text-embedding-3-small", usage.EMBEDDINGS_TOKENS],
+    ];
+    for (const [deployment, body, model, expected] of kinds) {
+      const { path } = canned({ headers: { "content-type": "application/json", "content-length": Buffer.byteLength(body) }, parts: [body] }, deployment);
+      const before = await tokensOf(deployment, model);
+      const response = await fetch(`${proxy.url}${path}`, { method: "POST", body: '{"input":"x"}' });
+      expect(sha256(new Uint8Array(await response.arrayBuffer()))).toBe(sha256(body));
+      expect(minus(await tokensOf(deployment, model), before)).toEqual(expected);
+      const line = await accessLine(path);
+      expect(line).toMatchObject({ deployment, model, input_tokens: expected.input });
+      if (deployment !== "completions" && !deployment.startsWith("embeddings")) expect(line).toMatchObject({ output_tokens: expected.output, cached_input_tokens: expected.cached_input, reasoning_tokens: expected.reasoning });
+    }
+    const { text } = await scrape(proxy.url);
+    expect((await promtool(["check", "metrics"], text)).output).toBe("");
+    expect(text).toContain("# TYPE auth_proxy_model_tokens_total counter\n");
+  });
+
+  test("a streamed chat is counted once from its final chunk when the client asked include_usage (the openai SDK), its request byte-exact; without it nothing is counted", async () => {
+    const client = new AzureOpenAI({ endpoint: proxy.url, apiKey: "placeholder-key", apiVersion: "2024-10-21", deployment: "gpt-4o-stream" });
+    const before = await tokensOf("gpt-4o-stream", "gpt-4o");
+    const stream = await client.chat.completions.create({ model: "gpt-4o", messages: [{ role: "user", content: "Hi" }], stream: true, stream_options: { include_usage: true } });
+    let reported: unknown;
+    for await (const chunk of stream) reported = chunk.usage ?? reported;
+    expect(reported).toMatchObject({ prompt_tokens: 9, completion_tokens: 7 });
+    const received = lastReceived();
+    // The proxy never edits a request to get usage: the body the SDK sent is the body the upstream got.
+    const sent = JSON.stringify({ model: "gpt-4o", messages: [{ role: "user", content: "Hi" }], stream: true, stream_options: { include_usage: true } });
+    expect(received.bodySha256).toBe(sha256(sent));
+    expect(minus(await tokensOf("gpt-4o-stream", "gpt-4o"), before)).toEqual({ input: 9, output: 7, cached_input: 0, reasoning: 0 });
+
+    const plain = await client.chat.completions.create({ model: "gpt-4o", messages: [{ role: "user", content: "Hi" }], stream: true });
+    for await (const chunk of plain) expect(chunk.usage ?? null).toBeNull();
+    expect(lastReceived().bodySha256).toBe(sha256(JSON.stringify({ model: "gpt-4o", messages: [{ role: "user", content: "Hi" }], stream: true })));
+    expect(minus(await tokensOf("gpt-4o-stream", "gpt-4o"), before)).toEqual({ input: 9, output: 7, cached_input: 0, reasoning: 0 });
+    const lines = proxy.lines.filter((line) => line.msg === "request" && String(line.path).includes("gpt-4o-stream"));
+    expect(lines.at(-1)!.input_tokens).toBeUndefined();
+    expect(lines.at(-2)).toMatchObject({ model: "gpt-4o", input_tokens: 9, output_tokens: 7 });
+  });
+
+  test("the Responses API stream is counted from response.completed and Azure's chat stream from its last chunk; each event reaches the client before the upstream sends the next", async () => {
+    for (const [events, model, expected] of [[usage.responseEvents(), "o4-mini-2025-04-16", usage.RESPONSES_TOKENS], [usage.chatStreamEvents(), "gpt-4o-2024-08-06", usage.CHAT_TOKENS]] as const) {
+      const { path, name } = canned({ headers: { "content-type": "text/event-stream" }, parts: [...events], gated: true }, "streams");
+      const before = await tokensOf("streams", model);
+      const response = await fetch(`${proxy.url}${path}`, { method: "POST", body: "{}" });
+      const reader = response.body!.getReader();
+      let seen = "";
+      for (let index = 0; index < events.length; index += 1) {
+        while (seen.length < events.slice(0, index + 1).join("").length) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          seen += new TextDecoder().decode(value);
+        }
+        expect(seen).toBe(events.slice(0, index + 1).join(""));
+        // The client has this event while the upstream still holds the next.
+        if (index === events.length - 1) break;
+        expect(upstream.lastPartWrittenAt.has(name)).toBe(false);
+        upstream.releaseEvent();
+      }
+      expect((await reader.read()).done).toBe(true);
+      expect(minus(await tokensOf("streams", model), before)).toEqual(expected);
+    }
+  });
+
+  test("gzip, deflate and br answers pass byte-exact with Content-Encoding kept, and their usage is read from a decoded copy (held, relayed and streamed)", async () => {
+    const body = usage.chatCompletion();
+    const large = usage.embeddings(40);
+    const events = usage.responseEvents().join("");
+    const encoders: Record<string, (text: string) => Buffer> = { gzip: (text) => gzipSync(text), deflate: (text) => deflateSync(text), br: (text) => brotliCompressSync(text) };
+    for (const [encoding, encode] of Object.entries(encoders)) {
+      for (const [text, contentType, model, expected] of [[body, "application/json", "gpt-4o-2024-08-06", usage.CHAT_TOKENS], [large, "application/json", "text-embedding-3-small", usage.EMBEDDINGS_TOKENS], [events, "text/event-stream", "o4-mini-2025-04-16", usage.RESPONSES_TOKENS]] as const) {
+        const encoded = encode(text);
+        // The streamed answers come in many writes, unframed by length: the decoder sees the body as it passes.
+        const parts = contentType === "text/event-stream" || text === large ? Array.from({ length: Math.ceil(encoded.length / 300) }, (_, index) => encoded.subarray(index * 300, (index + 1) * 300)) : [encoded];
+        const headers: Record<string, string | number> = { "content-type": contentType, "content-encoding": encoding };
+        if (parts.length === 1) headers["content-length"] = encoded.length;
+        const deployment = `encoded-${encoding}`;
+        const { path } = canned({ headers, parts, gapMs: parts.length > 1 ? 1 : 0 }, deployment);
+        const before = await tokensOf(deployment, model);
+        const response = await fetch(`${proxy.url}${path}`, { method: "POST", body: "{}", decompress: false } as RequestInit);
+        expect(response.headers.get("content-encoding")).toBe(encoding);
+        expect(sha256(new Uint8Array(await response.arrayBuffer()))).toBe(sha256(encoded));
+        // A compressed body's decoder may finish a moment after the client has the last byte.
+        let counted = minus(await tokensOf(deployment, model), before);
+        for (let tries = 0; tries < 50 && counted.input === 0; tries += 1) {
+          await Bun.sleep(20);
+          counted = minus(await tokensOf(deployment, model), before);
+        }
+        expect(counted).toEqual(expected);
+      }
+    }
+  });
+
+  test("a usage object cut across many TCP writes is counted once, wherever the cuts fall", async () => {
+    const body = usage.chatCompletion();
+    const events = usage.chatStreamEvents().join("");
+    for (const [text, contentType] of [[body, "application/json"], [events, "text/event-stream"]] as const) {
+      for (const size of [1, 7, 64]) {
+        const { path } = canned({ headers: { "content-type": contentType }, parts: usage.piecesOf(text, size), gapMs: size === 1 ? 0 : 2 }, "cut-usage");
+        const before = await tokensOf("cut-usage", "gpt-4o-2024-08-06");
+        const response = await fetch(`${proxy.url}${path}`, { method: "POST", body: "{}" });
+        expect(await response.text()).toBe(text);
+        expect(minus(await tokensOf("cut-usage", "gpt-4o-2024-08-06"), before)).toEqual(usage.CHAT_TOKENS);
+      }
+    }
+  }, 30_000);
+
+  test("malformed, truncated or absurd usage is not counted and never an error; the proxy keeps serving", async () => {
+    const bodies = [
+      '{"model":"bad-usage","usage":{"prompt_tokens":-5,"completion_tokens":"7"}}',
+      '{"model":"bad-usage","usage":{"prompt_tokens":1e300,"completion_tokens":null}}',
+      '{"model":"bad-usage","usage":null}',
+      '{"model":"bad-usage","usage":"lots"}',
+      '{"model":"bad-usage","usage":{"prompt_tokens":5,"completion_tokens":2',
+      '{"model":"bad-usage","usage":{"prompt_tokens":[1],"completion_tokens":{"n":2}}}',
+      '{"model":"bad-usage","usage"',
+      `{"model":"bad-usage","usage":{${" ".repeat(10_000)}`,
+      "not json at all, \"usage\": {{{{",
+    ];
+    for (const body of bodies) {
+      for (const framed of [true, false]) {
+        const { path } = canned({ headers: framed ? { "content-type": "application/json", "content-length": body.length } : { "content-type": "application/json" }, parts: [body] }, "malformed");
+        const response = await fetch(`${proxy.url}${path}`, { method: "POST", body: "{}" });
+        expect(response.status).toBe(200);
+        expect(await response.text()).toBe(body);
+      }
+    }
+    // A gzip body that is not gzip, and one cut short.
+    const gz = gzipSync(usage.chatCompletion());
+    for (const bytes of [Buffer.from("definitely not gzip"), gz.subarray(0, gz.length - 20)]) {
+      const { path } = canned({ headers: { "content-type": "application/json", "content-encoding": "gzip" }, parts: [bytes] }, "malformed");
+      const response = await fetch(`${proxy.url}${path}`, { method: "POST", body: "{}", decompress: false } as RequestInit);
+      expect(sha256(new Uint8Array(await response.arrayBuffer()))).toBe(sha256(bytes));
+    }
+    const { samples } = await scrape(proxy.url);
+    expect(samples.filter((sample) => sample.name === "auth_proxy_model_tokens_total" && sample.labels.deployment === "malformed")).toEqual([]);
+    // Still serving, and still counting.
+    const { path } = canned({ headers: { "content-type": "application/json" }, parts: [usage.completion()] }, "malformed");
+    await (await fetch(`${proxy.url}${path}`, { method: "POST", body: "{}" })).text();
+    expect(await tokensOf("malformed", "gpt-35-turbo-instruct")).toEqual(usage.COMPLETION_TOKENS);
+    expect(proxy.lines.filter((line) => line.level === "error")).toEqual([]);
+  });
+
+  test("a 30 MB answer is scanned as it passes: its usage at the end is counted, the proxy's RSS moves by under 15 MB", async () => {
+    const body = usage.embeddings(1600, 400_000);
+    expect(body.length).toBeGreaterThan(30_000_000);
+    const { path } = canned({ headers: { "content-type": "application/json", "content-length": body.length }, parts: usage.piecesOf(body, 256 * 1024) }, "large");
+    const rss = () => memoryKiB(proxy.proc.pid, "VmRSS");
+    await fetch(`${proxy.url}/health`);
+    const before = rss();
+    let peak = before;
+    const sampler = setInterval(() => (peak = Math.max(peak, rss())), 5);
+    const response = await fetch(`${proxy.url}${path}`, { method: "POST", body: "{}" });
+    const hash = createHash("sha256");
+    for await (const chunk of response.body!) {
+      hash.update(chunk);
+      peak = Math.max(peak, rss());
+    }
+    clearInterval(sampler);
+    expect(hash.digest("hex")).toBe(sha256(body));
+    expect(await tokensOf("large", "text-embedding-3-small")).toEqual({ input: 400_000, output: 0, cached_input: 0, reasoning: 0 });
+    console.log(`30 MB answer: proxy RSS ${(before / 1024).toFixed(1)} MB before, peak ${(peak / 1024).toFixed(1)} MB`);
+    expect(peak - before).toBeLessThan(15 * 1024);
+  }, 60_000);
+
+  test("Realtime response.done events are counted under the query's deployment and session.created's model; the session line sums them", async () => {
+    const wsProxy = await startProxy(baseEnv({ API_BASE_URL: realtime.url }));
+    await wsProxy.waitForHealth();
+    const client = new TestSocket(`ws://127.0.0.1:${wsProxy.port}/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime`);
+    await client.opened;
+    await client.waitForFrames(1);
+    // The fake echoes every text frame: these come back from the upstream as server events.
+    client.send(usage.realtimeResponseDone(100, 20, 30));
+    client.send(JSON.stringify({ type: "response.audio.delta", event_id: "e", delta: "A".repeat(50_000) }));
+    client.send(usage.realtimeResponseDone(250, 60, 0));
+    client.send('{"type":"response.done","response":{"usage":{"input_tokens":"many"}}}');
+    await client.waitForFrames(5);
+    const model = "gpt-4o-realtime-preview-2024-12-17";
+    expect(await tokensOf("gpt-4o-realtime", model, wsProxy.url)).toEqual({ input: 350, output: 80, cached_input: 30, reasoning: 0 });
+    client.socket.close(1000, "done");
+    const line = await wsProxy.waitForLog((entry) => entry.msg === "websocket session");
+    expect(line).toMatchObject({ model, input_tokens: 350, output_tokens: 80, cached_input_tokens: 30 });
+    await wsProxy.stop();
+  });
+
+  test("200 distinct model names give at most 51 label values (50 and `other`), every token counted", async () => {
+    const fresh = await startProxy(baseEnv());
+    await fresh.waitForHealth();
+    for (let index = 0; index < 200; index += 1) {
+      const body = JSON.stringify({ model: `model-${index}`, usage: { prompt_tokens: 1, completion_tokens: 2 } });
+      const { path } = canned({ headers: { "content-type": "application/json" }, parts: [body] }, "many-models");
+      await (await fetch(`${fresh.url}${path}`, { method: "POST", body: "{}" })).text();
+    }
+    const { samples, text } = await scrape(fresh.url);
+    proxyBodies.push(text);
+    const input = samples.filter((sample) => sample.name === "auth_proxy_model_tokens_total" && sample.labels.type === "input");
+    expect(new Set(input.map((sample) => sample.labels.model)).size).toBe(51);
+    expect(valueOf(samples, "auth_proxy_model_tokens_total", { model: "other", type: "input" })).toBe(150);
+    expect(valueOf(samples, "auth_proxy_model_tokens_total", { type: "output" })).toBe(400);
+    await fresh.stop();
+  });
+});
+
 describe("Certificates", () => {
   test("the startup line and --check name both thumbprints; a certificate expiring within 30 days is a warning", async () => {
     const sha1 = new X509Certificate(appCertificate.certificatePem).fingerprint.replace(/:/g, "");
@@ -2934,6 +3176,29 @@ describe("Pure pieces", () => {
     const headers = new Headers({ connection: "close, X-A", "x-a": "1", "x-b": "2", te: "trailers", "transfer-encoding": "chunked", upgrade: "websocket" });
     removeHopByHopHeaders(headers);
     expect([...headers.keys()]).toEqual(["x-b"]);
+  });
+
+  test("usageInBody reads usage in place: pretty-printed, escaped, nested and hostile shapes, the last usage and the nearest model", () => {
+    const read = (text: string) => usageInBody(new TextEncoder().encode(text), null);
+    const cases: [string, Usage | undefined][] = [
+      ['{\n  "model" : "gpt-4o",\n  "usage" : {\n    "prompt_tokens" : 3 ,\n    "completion_tokens" : 4\n  }\n}', { model: "gpt-4o", tokens: [3, 4, -1, -1] }],
+      ['{"model":"a","usage":{"note":"has \\"quotes\\" and {braces}","extra":[1,{"x":[2]}],"prompt_tokens":7,"completion_tokens":0,"prompt_tokens_details":{"audio_tokens":1,"cached_tokens":5}}}', { model: "a", tokens: [7, 0, 5, -1] }],
+      // A usage inside content is a string, escaped; the last real key wins.
+      ['{"model":"m","choices":[{"text":"\\"usage\\":{\\"prompt_tokens\\":99}"}],"usage":{"input_tokens":1,"output_tokens":2,"output_tokens_details":{"reasoning_tokens":2}}}', { model: "m", tokens: [1, 2, -1, 2] }],
+      // Azure's order: the model nearest before the usage, not a model key named in an earlier object's value.
+      ['{"choices":[],"created":1,"model":"gpt-4o-2024-08-06","usage":{"prompt_tokens":1,"completion_tokens":1}}', { model: "gpt-4o-2024-08-06", tokens: [1, 1, -1, -1] }],
+      ['{"usage":{"prompt_tokens":1.5,"completion_tokens":2e3}}', undefined],
+      ['{"usage":{"prompt_tokens":-1,"completion_tokens":2}}', { model: "", tokens: [-1, 2, -1, -1] }],
+      ['{"usage":{"prompt_tokens":1,"completion_tokens":2,}}', undefined],
+      ['{"usage":{"prompt_tokens":1 "completion_tokens":2}}', undefined],
+      ['{"usage":{"prompt_tokens":100000001}}', undefined],
+      ['{"model":"x y","usage":{"prompt_tokens":1}}', { model: "", tokens: [1, -1, -1, -1] }],
+      ['{"model":"gpt-4o","usage":{"completion_tokens":3,"completion_tokens_details":{"reasoning_tokens":4}}}', { model: "gpt-4o", tokens: [-1, 3, -1, -1] }],
+    ];
+    for (const [text, expected] of cases) expect(read(text), text).toEqual(expected);
+    // Realtime's usage is parsed whole (one event per response): the same rules.
+    expect(usageTokens({ input_tokens: 10, output_tokens: 2, input_token_details: { cached_tokens: 4 } })).toEqual([10, 2, 4, -1]);
+    expect(usageTokens({ input_tokens: "10", output_tokens: null })).toBeUndefined();
   });
 
   test("deploymentLabel names the deployment whole, whether or not it is the last one seen", () => {
@@ -3181,25 +3446,29 @@ describe("Deployment artifacts", () => {
     expect(config).toMatchObject({ authMode: "workload-identity", authModeReason: "AZURE_AUTH_MODE=workload-identity", authorityHost: "https://login.microsoftonline.com", federatedTokenFile: injected.AZURE_FEDERATED_TOKEN_FILE });
   });
 
-  test("the PrometheusRule's groups pass promtool check rules, and promtool test rules proves each alert fires and stays quiet", async () => {
+  test("the PrometheusRule's groups pass promtool check rules, and promtool test rules proves each alert fires and stays quiet and the tokens-per-minute rule records", async () => {
     const rule = Bun.YAML.parse(readFileSync(join(ROOT, "deploy/monitoring/prometheus-rule.yaml"), "utf8")) as any;
     expect(rule).toMatchObject({ apiVersion: "monitoring.coreos.com/v1", kind: "PrometheusRule" });
-    const alerts = rule.spec.groups.flatMap((group: any) => group.rules.map((r: any) => r.alert));
+    const alerts = rule.spec.groups.flatMap((group: any) => group.rules.filter((r: any) => r.alert).map((r: any) => r.alert));
+    const records = rule.spec.groups.flatMap((group: any) => group.rules.filter((r: any) => r.record).map((r: any) => r.record));
+    expect(records).toEqual(["job_deployment_model_type:auth_proxy_model_tokens:per_minute_rate5m"]);
     expect(alerts).toEqual(["AuthProxyNoToken", "AuthProxyTokenRefreshFailing", "AuthProxyCertificateExpiringSoon", "AuthProxyUpstream5xxRatio", "AuthProxyUpstreamErrors", "AuthProxyBackendResting"]);
     const dir = join(certs.dir, "rules");
     mkdirSync(dir, { recursive: true });
     writeFileSync(join(dir, "rules.yaml"), JSON.stringify({ groups: rule.spec.groups }));
     writeFileSync(join(dir, "alerts.test.yaml"), readFileSync(join(ROOT, "deploy/monitoring/alerts.test.yaml")));
     const checked = await promtool(["check", "rules", join(dir, "rules.yaml")]);
-    expect(checked.output).toContain("SUCCESS: 6 rules found");
+    expect(checked.output).toContain("SUCCESS: 7 rules found");
     expect(checked.exitCode).toBe(0);
     const tested = await promtool(["test", "rules", join(dir, "alerts.test.yaml")]);
     expect(tested.output).toContain("SUCCESS");
     expect(tested.exitCode).toBe(0);
     // Each test group names an alert that fires in it: none is tested only for silence.
     const unitTests = Bun.YAML.parse(readFileSync(join(ROOT, "deploy/monitoring/alerts.test.yaml"), "utf8")) as any;
-    const firing = new Set(unitTests.tests.flatMap((t: any) => t.alert_rule_test.filter((a: any) => a.exp_alerts.length > 0).map((a: any) => a.alertname)));
+    const firing = new Set(unitTests.tests.flatMap((t: any) => (t.alert_rule_test ?? []).filter((a: any) => a.exp_alerts.length > 0).map((a: any) => a.alertname)));
     expect([...firing].sort()).toEqual([...alerts].sort());
+    const recorded = new Set(unitTests.tests.flatMap((t: any) => (t.promql_expr_test ?? []).map((e: any) => e.expr)));
+    expect([...recorded]).toEqual(records);
   });
 
   test("the PodMonitor scrapes /metrics on the admin port the manifests name", () => {

@@ -10,11 +10,12 @@
  *
  * The file reads as the journey: configuration (and the routes file) ->
  * credential -> identity -> token manager -> metrics -> caller keys ->
- * routes -> backend pools -> forwarding -> WebSocket relay -> server and
- * lifecycle -> main.
+ * routes -> backend pools -> token usage (read from the answers as they
+ * pass) -> forwarding -> WebSocket relay -> server and lifecycle -> main.
  */
 import arg from "arg";
 import { createHash, createPrivateKey, createPublicKey, timingSafeEqual, X509Certificate, type KeyObject } from "node:crypto";
+import zlib from "node:zlib";
 import { constants as fsConstants, fstatSync, openSync, readdirSync, readFileSync, statSync, writeSync } from "node:fs";
 import type { AuthenticationResult, INetworkModule, NetworkResponse } from "@azure/msal-node";
 import packageJson from "./package.json" with { type: "json" };
@@ -1512,6 +1513,10 @@ export const MAX_DEPLOYMENT_LABELS = 50;
 const DEPLOYMENT_PREFIX = "/openai/deployments/";
 /** Azure deployment names: letters, digits, `-`, `_`, `.`, at most 64. Anything else is `other`. */
 const DEPLOYMENT_NAME = /^[A-Za-z0-9._-]{1,64}$/;
+/** Distinct model names kept as label values, bounded as deployments are. */
+export const MAX_MODEL_LABELS = 50;
+/** Model names as answers give them (`gpt-4o-2024-08-06`, `ft:gpt-4o-mini:org::id`), at most 128 characters. */
+const MODEL_NAME = /^[A-Za-z0-9._:\/@+-]{1,128}$/;
 
 /**
  * Every build counts. `make bench` alone compiles one with `--define
@@ -1541,6 +1546,16 @@ interface RequestSeries {
   firstByte: Histogram;
 }
 
+/** One deployment and model: the tokens its answers reported, by type (TOKEN_TYPES' order). */
+interface TokenSeries {
+  deployment: string;
+  model: string;
+  tokens: Float64Array;
+}
+
+/** The `type` label's values, in the order of TokenSeries.tokens and Usage's fields. */
+const TOKEN_TYPES = ["input", "output", "cached_input", "reasoning"] as const;
+
 export interface Metrics {
   /** deployment -> series per method index. */
   series: Map<string, (RequestSeries | undefined)[]>;
@@ -1548,6 +1563,12 @@ export interface Metrics {
   deployments: Set<string>;
   /** The deployment of the last request that named a kept one, checked first. */
   lastDeployment: string;
+  /** `deployment` NUL `model` -> its token counts. */
+  tokenSeries: Map<string, TokenSeries>;
+  /** The model names kept as label values, at most MAX_MODEL_LABELS. */
+  models: Set<string>;
+  /** The series the last counted answer went to (its model kept as a label), checked first. */
+  lastTokenSeries: TokenSeries | undefined;
   requestsInFlight: number;
   requestBytes: number;
   responseBytes: number;
@@ -1563,6 +1584,9 @@ export function newMetrics(): Metrics {
     series: new Map(),
     deployments: new Set(),
     lastDeployment: "",
+    tokenSeries: new Map(),
+    models: new Set(),
+    lastTokenSeries: undefined,
     requestsInFlight: 0,
     requestBytes: 0,
     responseBytes: 0,
@@ -1603,12 +1627,16 @@ export function deploymentLabel(metrics: Metrics, target: string): string {
   if (last !== "" && target.startsWith(last, DEPLOYMENT_PREFIX.length) && endsPathSegment(target, DEPLOYMENT_PREFIX.length + last.length)) return last;
   let stop = DEPLOYMENT_PREFIX.length;
   while (stop < target.length && !endsPathSegment(target, stop)) stop += 1;
-  const name = target.slice(DEPLOYMENT_PREFIX.length, stop);
-  if (!metrics.deployments.has(name)) {
-    if (!DEPLOYMENT_NAME.test(name) || metrics.deployments.size >= MAX_DEPLOYMENT_LABELS) return "other";
-    metrics.deployments.add(name);
-  }
-  metrics.lastDeployment = name;
+  const name = boundedLabel(metrics.deployments, target.slice(DEPLOYMENT_PREFIX.length, stop), DEPLOYMENT_NAME, MAX_DEPLOYMENT_LABELS);
+  if (name !== "other") metrics.lastDeployment = name;
+  return name;
+}
+
+/** `name` when it is kept as a label value (or can be, within `max`), else `other`: random names cannot grow memory. */
+function boundedLabel(kept: Set<string>, name: string, pattern: RegExp, max: number): string {
+  if (kept.has(name)) return name;
+  if (!pattern.test(name) || kept.size >= max) return "other";
+  kept.add(name);
   return name;
 }
 
@@ -1786,6 +1814,12 @@ export function renderMetrics({ metrics, routes, tokens, certificate, websocketS
   family(lines, "auth_proxy_upstream_ratelimit_remaining", "gauge", "The upstream's x-ratelimit-remaining-requests and -tokens, as last seen.");
   if (metrics.rateLimitRemainingRequests !== undefined) lines.push(`auth_proxy_upstream_ratelimit_remaining{kind="requests"} ${metrics.rateLimitRemainingRequests}`);
   if (metrics.rateLimitRemainingTokens !== undefined) lines.push(`auth_proxy_upstream_ratelimit_remaining{kind="tokens"} ${metrics.rateLimitRemainingTokens}`);
+
+  family(lines, "auth_proxy_model_tokens_total", "counter", "Tokens the answers' usage reported, by deployment, model and type (cached_input is part of input, reasoning part of output).");
+  for (const series of metrics.tokenSeries.values()) {
+    const labels = `deployment="${escapeLabel(series.deployment)}",model="${escapeLabel(series.model)}"`;
+    for (let type = 0; type < TOKEN_TYPES.length; type += 1) lines.push(`auth_proxy_model_tokens_total{${labels},type="${TOKEN_TYPES[type]}"} ${series.tokens[type]}`);
+  }
 
   backendLines(lines, routes.filter((route) => route.named || route.pooled));
 
@@ -2140,6 +2174,417 @@ function tokenManagers(routes: Route[]): TokenManager[] {
   return [...new Set(routes.map((route) => route.tokens))];
 }
 
+// ---------------------------------------------------------------- token usage
+
+/**
+ * The tokens each answer's `usage` reports, read from the bytes as they
+ * pass and never holding one back. Bytes are searched for the `"usage"`
+ * and `"model"` keys and only their values are decoded and parsed: a
+ * string of each answer, left to the collector, cost 5 % of c=64
+ * throughput (measured). A relayed body is scanned chunk by chunk,
+ * carrying over only an unfinished `usage` object or `model` value, or a
+ * key cut at the chunk's end, so a 30 MB answer costs no more memory than
+ * its chunks. `make bench` compiles one build with `--define
+ * AUTH_PROXY_BENCH_TOKENS_UNCOUNTED=true` to measure the cost.
+ */
+declare const AUTH_PROXY_BENCH_TOKENS_UNCOUNTED: boolean;
+const TOKENS_COUNTED = COUNTED && typeof AUTH_PROXY_BENCH_TOKENS_UNCOUNTED === "undefined";
+
+/** One answer's tokens in TOKEN_TYPES' order (input, output, cached_input, reasoning); -1 where the usage did not say. */
+export interface Usage {
+  model: string;
+  tokens: [number, number, number, number];
+}
+
+/** Larger than any context window by far: a count above it is not a count. */
+const MAX_TOKENS_AN_ANSWER = 100_000_000;
+/** A `usage` object is a few hundred bytes; one longer than this is not one, and is not waited for. */
+const MAX_USAGE_OBJECT_BYTES = 4096;
+/** A model name is at most 128 characters; a value longer than this is not waited for. */
+const MAX_MODEL_VALUE_BYTES = 130;
+const USAGE_KEY = asciiBytes('"usage"');
+const MODEL_KEY = asciiBytes('"model"');
+/** Decoded bytes scanned from one compressed body at most: a decompression bomb costs CPU up to here, memory never. */
+const MAX_DECODED_BYTES = 256 * 1024 * 1024;
+
+
+
+/** The scan of one relayed body: what was found so far, and the bytes carried into the next chunk. */
+export interface UsageScan {
+  model: string;
+  usage: Usage["tokens"] | undefined;
+  carried: Uint8Array | undefined;
+  /** A gzip, deflate or br body is decoded on a copy, its output scanned. */
+  decoder: import("node:zlib").Gunzip | undefined;
+  decodedBytes: number;
+}
+
+export function newUsageScan(): UsageScan {
+  return { model: "", usage: undefined, carried: undefined, decoder: undefined, decodedBytes: 0 };
+}
+
+/**
+ * The usage object in `usage`: chat completions, completions and embeddings
+ * (`prompt_tokens`, `completion_tokens`, `*_tokens_details`), the Responses
+ * API (`input_tokens`, `output_tokens`, `*_tokens_details`) and Realtime
+ * (`input_token_details`). Counts that are not whole numbers within reason
+ * are not counted; a usage with neither input nor output is none.
+ */
+export function usageTokens(usage: unknown): Usage["tokens"] | undefined {
+  if (typeof usage !== "object" || usage === null) return undefined;
+  const fields = usage as Record<string, unknown>;
+  const input = tokenCount(fields.prompt_tokens ?? fields.input_tokens);
+  const output = tokenCount(fields.completion_tokens ?? fields.output_tokens);
+  if (input === -1 && output === -1) return undefined;
+  const inputDetails = (fields.prompt_tokens_details ?? fields.input_tokens_details ?? fields.input_token_details) as Record<string, unknown> | null | undefined;
+  const outputDetails = (fields.completion_tokens_details ?? fields.output_tokens_details ?? fields.output_token_details) as Record<string, unknown> | null | undefined;
+  const cached = tokenCount(inputDetails?.cached_tokens);
+  const reasoning = tokenCount(outputDetails?.reasoning_tokens);
+  // The details are parts of their totals: a part larger than its whole is not believed.
+  return [input, output, cached <= input ? cached : -1, reasoning <= output ? reasoning : -1];
+}
+
+function tokenCount(value: unknown): number {
+  return typeof value === "number" && Number.isSafeInteger(value) && value >= 0 && value <= MAX_TOKENS_AN_ANSWER ? value : -1;
+}
+
+/** Where `key` (quotes included) begins at or after `from`, or -1: a native search for its first letter, then a check. */
+function keyAt(bytes: Uint8Array, key: Uint8Array, from: number): number {
+  for (let at = bytes.indexOf(key[1]!, from + 1); at !== -1; at = bytes.indexOf(key[1]!, at + 1)) {
+    if (bytes[at - 1] === 34 /* '"' */ && keyFollows(bytes, at - 1, key)) return at - 1;
+  }
+  return -1;
+}
+
+/** Where the last `key` beginning before `before` begins, or -1. */
+function lastKeyAt(bytes: Uint8Array, key: Uint8Array, before: number): number {
+  for (let at = before > 1 ? bytes.lastIndexOf(key[1]!, before) : -1; at > 0; at = bytes.lastIndexOf(key[1]!, at - 1)) {
+    if (bytes[at - 1] === 34 && keyFollows(bytes, at - 1, key)) return at - 1;
+  }
+  return -1;
+}
+
+function keyFollows(bytes: Uint8Array, at: number, key: Uint8Array): boolean {
+  for (let index = 2; index < key.length; index += 1) if (bytes[at + index] !== key[index]) return false;
+  return true;
+}
+
+/** Where the value after a key starts (past `:` and blanks); -1 when the bytes end first, -2 when no colon follows (not a key). */
+function valueStart(bytes: Uint8Array, index: number): number {
+  let colon = false;
+  for (; index < bytes.length; index += 1) {
+    const byte = bytes[index]!;
+    if (byte === 58 /* ":" */ && !colon) colon = true;
+    else if (byte !== 32 && byte !== 9 && byte !== 10 && byte !== 13) return colon ? index : -2;
+  }
+  return -1;
+}
+
+/** Past the object's closing brace, strings respected; -1 when the bytes end first, -2 when it is too long to be a usage. */
+function objectEnd(bytes: Uint8Array, start: number): number {
+  let depth = 0;
+  let inString = false;
+  const stop = Math.min(bytes.length, start + MAX_USAGE_OBJECT_BYTES);
+  for (let index = start; index < stop; index += 1) {
+    const byte = bytes[index]!;
+    if (inString) {
+      if (byte === 92 /* "\" */) index += 1;
+      else if (byte === 34) inString = false;
+    } else if (byte === 34) inString = true;
+    else if (byte === 123 /* "{" */) depth += 1;
+    else if (byte === 125 /* "}" */ && --depth === 0) return index + 1;
+  }
+  return stop === bytes.length ? -1 : -2;
+}
+
+/** The usage after the key at `key`: its tokens, null when it is none (`null`, not an object, not believable), undefined when the bytes end first. */
+function usageAt(bytes: Uint8Array, key: number): Usage["tokens"] | null | undefined {
+  const start = valueStart(bytes, key + USAGE_KEY.length);
+  if (start === -1) return undefined;
+  if (start < 0 || bytes[start] !== 123 /* "{" */) return null;
+  const end = objectEnd(bytes, start);
+  if (end < 0) return end === -1 ? undefined : null;
+  const tokens: Usage["tokens"] = [-1, -1, -1, -1];
+  if (readUsageObject(bytes, start, end, tokens, -1) !== end) return null;
+  if (tokens[0] === -1 && tokens[1] === -1) return null;
+  // The details are parts of their totals: a part larger than its whole is not believed.
+  if (tokens[2] > tokens[0]) tokens[2] = -1;
+  if (tokens[3] > tokens[1]) tokens[3] = -1;
+  return tokens;
+}
+
+/**
+ * Reads the JSON object at `at` (its end known to be `end`) in place,
+ * without a string or a parse (an answer's bytes, touched by a decoder or a
+ * view, cost more than all the rest): whole numbers under the usage keys
+ * go to their slots; a `*_details` object is read for its part (`detail`:
+ * 2 for cached, 3 for reasoning); any other value is skipped. Returns past
+ * the object, or -1 when it is not JSON.
+ */
+function readUsageObject(bytes: Uint8Array, at: number, end: number, tokens: Usage["tokens"], detail: number): number {
+  at = blanksEnd(bytes, at + 1, end);
+  if (bytes[at] === 125 /* "}" */) return at + 1;
+  for (;;) {
+    if (bytes[at] !== 34) return -1;
+    const keyStart = at + 1;
+    const keyEnd = stringEnd(bytes, at, end);
+    if (keyEnd === -1) return -1;
+    at = blanksEnd(bytes, keyEnd + 1, end);
+    if (bytes[at] !== 58 /* ":" */) return -1;
+    at = blanksEnd(bytes, at + 1, end);
+    const slot = detail === -1 ? usageSlot(bytes, keyStart, keyEnd) : keyIs(bytes, keyStart, keyEnd, detail === 2 ? "cached_tokens" : "reasoning_tokens") ? detail : -1;
+    const byte = bytes[at]!;
+    if (byte >= 48 && byte <= 57) {
+      let value = 0;
+      let next = at;
+      while (next < end && bytes[next]! >= 48 && bytes[next]! <= 57) value = value * 10 + bytes[next++]! - 48;
+      const fraction = bytes[next] === 46 /* "." */ || bytes[next] === 101 /* "e" */ || bytes[next] === 69; /* "E" */
+      at = fraction ? skipValue(bytes, at, end) : next;
+      if (at === -1) return -1;
+      if (slot >= 0 && slot < 4 && !fraction && value <= MAX_TOKENS_AN_ANSWER && tokens[slot] === -1) tokens[slot] = value;
+    } else if (byte === 123 && slot >= 4) {
+      at = readUsageObject(bytes, at, end, tokens, slot - 2);
+    } else {
+      at = skipValue(bytes, at, end);
+    }
+    if (at === -1) return -1;
+    at = blanksEnd(bytes, at, end);
+    if (bytes[at] === 125) return at + 1;
+    if (bytes[at] !== 44 /* "," */) return -1;
+    at = blanksEnd(bytes, at + 1, end);
+  }
+}
+
+/** A usage key's slot: 0 input, 1 output (counts), 4 input details, 5 output details (objects); -1 for any other key. */
+function usageSlot(bytes: Uint8Array, start: number, end: number): number {
+  if (keyIs(bytes, start, end, "prompt_tokens") || keyIs(bytes, start, end, "input_tokens")) return 0;
+  if (keyIs(bytes, start, end, "completion_tokens") || keyIs(bytes, start, end, "output_tokens")) return 1;
+  if (keyIs(bytes, start, end, "prompt_tokens_details") || keyIs(bytes, start, end, "input_tokens_details") || keyIs(bytes, start, end, "input_token_details")) return 4;
+  if (keyIs(bytes, start, end, "completion_tokens_details") || keyIs(bytes, start, end, "output_tokens_details") || keyIs(bytes, start, end, "output_token_details")) return 5;
+  return -1;
+}
+
+function keyIs(bytes: Uint8Array, start: number, end: number, name: string): boolean {
+  if (end - start !== name.length) return false;
+  for (let index = 0; index < name.length; index += 1) if (bytes[start + index] !== name.charCodeAt(index)) return false;
+  return true;
+}
+
+function blanksEnd(bytes: Uint8Array, at: number, end: number): number {
+  while (at < end && (bytes[at] === 32 || bytes[at] === 9 || bytes[at] === 10 || bytes[at] === 13)) at += 1;
+  return at;
+}
+
+/** The closing quote of the string opening at `at`, or -1. */
+function stringEnd(bytes: Uint8Array, at: number, end: number): number {
+  for (let index = at + 1; index < end; index += 1) {
+    if (bytes[index] === 92 /* "\\" */) index += 1;
+    else if (bytes[index] === 34) return index;
+  }
+  return -1;
+}
+
+/** Past any other JSON value (a string, an object or array, a literal, a signed or fractional number), or -1. */
+function skipValue(bytes: Uint8Array, at: number, end: number): number {
+  const byte = bytes[at];
+  if (byte === 34) {
+    const close = stringEnd(bytes, at, end);
+    return close === -1 ? -1 : close + 1;
+  }
+  if (byte === 123 || byte === 91 /* "[" */) {
+    let depth = 0;
+    for (let index = at; index < end; index += 1) {
+      const inner = bytes[index];
+      if (inner === 34) {
+        index = stringEnd(bytes, index, end);
+        if (index === -1) return -1;
+      } else if (inner === 123 || inner === 91) depth += 1;
+      else if ((inner === 125 || inner === 93) && --depth === 0) return index + 1;
+    }
+    return -1;
+  }
+  let index = at;
+  while (index < end && ((bytes[index]! >= 97 && bytes[index]! <= 122) || (bytes[index]! >= 48 && bytes[index]! <= 57) || bytes[index] === 45 || bytes[index] === 43 || bytes[index] === 46 || bytes[index] === 69)) index += 1;
+  return index === at ? -1 : index;
+}
+
+/** The last model name read, reused while an answer names the same one (no string made for it). */
+let lastModelName = "";
+
+/** The model name after the key at `key`: null when the value is no model name, undefined when the bytes end first. */
+function modelAt(bytes: Uint8Array, key: number): string | null | undefined {
+  const start = valueStart(bytes, key + MODEL_KEY.length);
+  if (start === -1) return undefined;
+  if (start < 0 || bytes[start] !== 34) return null;
+  const end = bytes.indexOf(34, start + 1);
+  if (end === -1) return bytes.length - start > MAX_MODEL_VALUE_BYTES ? null : undefined;
+  if (end - start - 1 > MAX_MODEL_VALUE_BYTES) return null;
+  if (keyIs(bytes, start + 1, end, lastModelName)) return lastModelName;
+  let model = "";
+  for (let index = start + 1; index < end; index += 1) model += String.fromCharCode(bytes[index]!);
+  if (!MODEL_NAME.test(model)) return null;
+  return (lastModelName = model);
+}
+
+/**
+ * A JSON answer's bytes, whole, decoded first when its Content-Encoding is
+ * one the proxy reads. The top-level usage is the last `usage` key (in
+ * every shape it comes at or near the end); the model is the nearest
+ * `model` key before it (Azure sorts its keys: just before), else the
+ * first after it.
+ */
+export function usageInBody(bytes: Uint8Array, contentEncoding: string | null): Usage | undefined {
+  const plain = contentEncoding === null ? bytes : decodedBody(bytes, contentEncoding);
+  if (plain === undefined) return undefined;
+  const key = lastKeyAt(plain, USAGE_KEY, plain.length);
+  const tokens = key === -1 ? undefined : usageAt(plain, key);
+  if (tokens === undefined || tokens === null) return undefined;
+  let model: string | null | undefined;
+  for (let at = lastKeyAt(plain, MODEL_KEY, key); at !== -1 && typeof model !== "string"; at = lastKeyAt(plain, MODEL_KEY, at - 1)) model = modelAt(plain, at);
+  for (let at = keyAt(plain, MODEL_KEY, key); at !== -1 && typeof model !== "string"; at = keyAt(plain, MODEL_KEY, at + 1)) model = modelAt(plain, at);
+  return { model: typeof model === "string" ? model : "", tokens };
+}
+
+function decodedBody(bytes: Uint8Array, contentEncoding: string): Uint8Array | undefined {
+  const options = { maxOutputLength: MAX_DECODED_BYTES };
+  try {
+    switch (contentEncoding.trim().toLowerCase()) {
+      case "gzip":
+      case "x-gzip":
+        return zlib.gunzipSync(bytes, options);
+      case "deflate":
+        return zlib.inflateSync(bytes, options);
+      case "br":
+        return zlib.brotliDecompressSync(bytes, options);
+      case "identity":
+        return bytes;
+      default:
+        return undefined;
+    }
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * A relayed body's next bytes: the first `model` value and every `usage`
+ * object (the last one wins: a chat stream sends `"usage":null` until its
+ * final chunk). What is cut at the end is carried, copied (the chunk itself
+ * is freed once written), into the next.
+ */
+export function scanUsageBytes(scan: UsageScan, chunk: Uint8Array): void {
+  const carried = scan.carried;
+  let bytes = chunk;
+  if (carried !== undefined) {
+    bytes = new Uint8Array(carried.length + chunk.length);
+    bytes.set(carried);
+    bytes.set(chunk, carried.length);
+    scan.carried = undefined;
+  }
+  let keepFrom = cutKeyAt(bytes);
+  for (let at = scan.model === "" ? keyAt(bytes, MODEL_KEY, 0) : -1; at !== -1; at = keyAt(bytes, MODEL_KEY, at + 1)) {
+    const model = modelAt(bytes, at);
+    if (model === undefined) keepFrom = Math.min(keepFrom, at);
+    if (model !== null) {
+      if (model !== undefined) scan.model = model;
+      break;
+    }
+  }
+  for (let at = keyAt(bytes, USAGE_KEY, 0); at !== -1; at = keyAt(bytes, USAGE_KEY, at + 1)) {
+    const usage = usageAt(bytes, at);
+    if (usage === undefined) {
+      keepFrom = Math.min(keepFrom, at);
+      break;
+    }
+    if (usage !== null) scan.usage = usage;
+  }
+  if (keepFrom < bytes.length) scan.carried = bytes.slice(keepFrom);
+}
+
+/** Where a key cut by the chunk's end begins (a `"` followed by the start of `"usage"` or `"model"`), else the length. */
+function cutKeyAt(bytes: Uint8Array): number {
+  for (let at = Math.max(0, bytes.length - (USAGE_KEY.length - 1)); at < bytes.length; at += 1) {
+    if (bytes[at] !== 34) continue;
+    const length = bytes.length - at;
+    let usage = true;
+    let model = true;
+    for (let index = 1; index < length; index += 1) {
+      usage &&= bytes[at + index] === USAGE_KEY[index];
+      model &&= bytes[at + index] === MODEL_KEY[index];
+    }
+    if (usage || model) return at;
+  }
+  return bytes.length;
+}
+
+/** JSON and server-sent events carry usage; other bodies (audio, images, files) are not looked at. */
+function mayCarryUsage(headers: Headers): boolean {
+  const type = headers.get("content-type") ?? "";
+  return type.includes("json") || type.startsWith("text/event-stream");
+}
+
+/** A scan for a relayed 200 answer that may carry usage (JSON or SSE), undefined for any other; compressed ones get a decoder. */
+function relayedUsageScan(headers: Headers): UsageScan | undefined {
+  if (!mayCarryUsage(headers)) return undefined;
+  const scan = newUsageScan();
+  const encoding = headers.get("content-encoding");
+  if (encoding === null) return scan;
+  const decoder = streamDecoder(encoding.trim().toLowerCase());
+  if (decoder === undefined) return undefined;
+  decoder.on("data", (decoded: Buffer) => {
+    scan.decodedBytes += decoded.byteLength;
+    if (scan.decodedBytes > MAX_DECODED_BYTES) return decoder.destroy();
+    scanUsageBytes(scan, decoded);
+  });
+  // A body the decoder cannot read is a usage the proxy cannot read: not counted, never an error.
+  decoder.on("error", () => (scan.usage = undefined));
+  scan.decoder = decoder as import("node:zlib").Gunzip;
+  return scan;
+}
+
+function streamDecoder(encoding: string) {
+  if (encoding === "gzip" || encoding === "x-gzip") return zlib.createGunzip();
+  if (encoding === "deflate") return zlib.createInflate();
+  if (encoding === "br") return zlib.createBrotliDecompress();
+  return undefined;
+}
+
+/** A relayed chunk, scanned, or given to the decoder as a copy: the chunk itself is freed once written. */
+function scanUsageChunk(scan: UsageScan, chunk: Uint8Array): void {
+  if (scan.decoder === undefined) scanUsageBytes(scan, chunk);
+  else if (!scan.decoder.destroyed) scan.decoder.write(chunk.slice());
+}
+
+/** Resolves once a compressed body's decoder has scanned its last output (at once for a plain body). */
+function usageScanned(scan: UsageScan): Promise<void> | undefined {
+  const decoder = scan.decoder;
+  if (decoder === undefined || decoder.destroyed) return undefined;
+  return new Promise((resolve) => {
+    decoder.once("end", resolve).once("error", resolve).once("close", resolve);
+    decoder.end();
+  });
+}
+
+/** The usage a finished scan found, with its model; a decoder still open is closed. */
+function scannedUsage(scan: UsageScan): Usage | undefined {
+  if (scan.decoder !== undefined && !scan.decoder.destroyed) scan.decoder.destroy();
+  return scan.usage === undefined ? undefined : { model: scan.model, tokens: scan.usage };
+}
+
+/** Adds an answer's usage to `auth_proxy_model_tokens_total{deployment,model,type}`. */
+export function countTokens(metrics: Metrics, deployment: string, usage: Usage): void {
+  // An app mostly calls one deployment and model: the last series is checked before the key is built.
+  let series = metrics.lastTokenSeries;
+  if (series === undefined || series.model !== usage.model || series.deployment !== deployment) {
+    const model = usage.model === "" ? "" : boundedLabel(metrics.models, usage.model, MODEL_NAME, MAX_MODEL_LABELS);
+    const key = `${deployment}\0${model}`;
+    series = metrics.tokenSeries.get(key);
+    if (series === undefined) metrics.tokenSeries.set(key, (series = { deployment, model, tokens: new Float64Array(TOKEN_TYPES.length) }));
+    if (model === usage.model) metrics.lastTokenSeries = series;
+  }
+  for (let type = 0; type < TOKEN_TYPES.length; type += 1) if (usage.tokens[type]! > 0) series.tokens[type]! += usage.tokens[type]!;
+}
+
 // ---------------------------------------------------------------- forwarding
 
 /**
@@ -2426,6 +2871,8 @@ async function forward(req: Request, method: string, target: string, authorizati
     bytesOut: 0,
     requestId: accessLogEnabled ? (headers.get("apim-request-id") ?? headers.get("x-request-id")) : null,
     clientRequestId,
+    usage: undefined,
+    usageScan: undefined,
   };
   const lifted = idleTimerLifted(startedAt, headersAt);
   if (method === "HEAD") return headAnswered(response, exchange, lifted);
@@ -2441,6 +2888,7 @@ async function forward(req: Request, method: string, target: string, authorizati
   }
   // A stream or a large body may run for minutes: no timer until it ends, then the keep-alive timer again.
   server.timeout(req, 0);
+  if (TOKENS_COUNTED && response.status === 200) exchange.usageScan = relayedUsageScan(headers);
   return new Response(relayBody(body, exchange), response);
 }
 
@@ -2476,6 +2924,7 @@ function smallBodyAnswered(response: Response, exchange: Exchange): Response | P
 function bodyAnswered(response: Response, bytes: Uint8Array, exchange: Exchange): Response {
   if (exchange.firstByteAt === 0) exchange.firstByteAt = exchange.headersAt;
   exchange.bytesOut = bytes.byteLength;
+  if (TOKENS_COUNTED && exchange.status === 200 && mayCarryUsage(response.headers)) exchange.usage = usageInBody(bytes, response.headers.get("content-encoding"));
   exchangeEnded(exchange, "done");
   return new Response(bytes, response);
 }
@@ -2523,6 +2972,10 @@ interface Exchange {
   bytesOut: number;
   requestId: string | null;
   clientRequestId: string | null;
+  /** The tokens the answer's usage reported, once read. */
+  usage: Usage | undefined;
+  /** A relayed answer's scan for its usage, while it passes. */
+  usageScan: UsageScan | undefined;
 }
 
 /**
@@ -2565,12 +3018,15 @@ function relayBody(body: ReadableStream<Uint8Array>, exchange: Exchange): Readab
         }
         if (chunk.done) {
           controller.close();
-          return exchangeEnded(exchange, "rearm");
+          // A compressed body's last decoded bytes are scanned before its usage is counted and logged.
+          const scanned = exchange.usageScan === undefined ? undefined : usageScanned(exchange.usageScan);
+          return scanned === undefined ? exchangeEnded(exchange, "rearm") : scanned.then(() => exchangeEnded(exchange, "rearm"));
         }
         if (exchange.firstByteAt === 0) exchange.firstByteAt = performance.now();
         exchange.bytesOut += chunk.value.byteLength;
         if (chunk.value.byteLength >= RELEASED_CHUNK_BYTES) written = chunk.value;
         controller.enqueue(chunk.value);
+        if (exchange.usageScan !== undefined) scanUsageChunk(exchange.usageScan, chunk.value);
       },
       cancel(reason) {
         if (exchange.endedAt === 0) {
@@ -2618,6 +3074,10 @@ function exchangeEnded(exchange: Exchange, how: ExchangeEnd): void {
     if (exchange.firstByteAt !== 0) observe(series.firstByte, (exchange.firstByteAt - exchange.startedAt) / SECOND);
     observe(series.responseEnd, (endedAt - exchange.startedAt) / SECOND);
   }
+  if (TOKENS_COUNTED) {
+    if (exchange.usageScan !== undefined) exchange.usage = scannedUsage(exchange.usageScan);
+    if (exchange.usage !== undefined) countTokens(metrics, series.deployment, exchange.usage);
+  }
   if (!accessLogEnabled) return;
   exchange.status = status;
   exchange.end = how;
@@ -2632,8 +3092,9 @@ function writeAccessLines(): void {
 }
 
 function writeAccessLine(exchange: Exchange): void {
-  const { method, target, route, backend, startedAt, endedAt, status, series, requestId, clientRequestId, end: how } = exchange;
-  if (!reserveLog(ACCESS_LINE_BYTES + 6 * (method.length + target.length + route.prefix.length + backend.name.length + (requestId?.length ?? 0) + (clientRequestId?.length ?? 0)))) return;
+  const { method, target, route, backend, startedAt, endedAt, status, series, requestId, clientRequestId, usage, end: how } = exchange;
+  const textLength = method.length + target.length + route.prefix.length + backend.name.length + (requestId?.length ?? 0) + (clientRequestId?.length ?? 0) + (usage?.model.length ?? 0);
+  if (!reserveLog(ACCESS_LINE_BYTES + 6 * textLength)) return;
   putAccessLineHead(method, target, status, startedAt, endedAt);
   if (route.named) putStringField(ROUTE, route.prefix);
   if (route.pooled) {
@@ -2645,6 +3106,7 @@ function writeAccessLine(exchange: Exchange): void {
   putIntegerField(BYTES_IN, exchange.bytesIn);
   putIntegerField(BYTES_OUT, exchange.bytesOut);
   if (series.deployment !== "") putStringField(DEPLOYMENT, series.deployment);
+  if (usage !== undefined) putUsageFields(usage);
   if (requestId !== null) putStringField(REQUEST_ID, requestId);
   if (clientRequestId !== null) putStringField(CLIENT_REQUEST_ID, clientRequestId);
   putBytes(how === "aborted" ? ABORTED_END : how === "truncated" ? TRUNCATED_END : LINE_END);
@@ -2673,8 +3135,8 @@ function answered(metrics: Metrics, method: string, target: string, status: numb
   putBytes(LINE_END);
 }
 
-/** An access line's fixed fields, numbers, time and deployment at their longest (under 400 bytes); each other text field adds six bytes a character at most. */
-const ACCESS_LINE_BYTES = 512;
+/** An access line's fixed fields, numbers, time and deployment at their longest (under 500 bytes); each other text field adds six bytes a character at most. */
+const ACCESS_LINE_BYTES = 640;
 const LINE_START = asciiBytes('{"time":');
 const LINE_METHOD = asciiBytes(',"level":"info","msg":"request","method":');
 const LINE_PATH = asciiBytes(',"path":');
@@ -2690,9 +3152,17 @@ const BACKEND = asciiBytes(',"backend":');
 const ATTEMPTS = asciiBytes(',"attempts":');
 const REQUEST_ID = asciiBytes(',"request_id":');
 const CLIENT_REQUEST_ID = asciiBytes(',"client_request_id":');
+const USAGE_FIELDS = [',"input_tokens":', ',"output_tokens":', ',"cached_input_tokens":', ',"reasoning_tokens":'].map(asciiBytes);
+const MODEL = asciiBytes(',"model":');
 const LINE_END = asciiBytes("}\n");
 const ABORTED_END = asciiBytes(',"aborted":true}\n');
 const TRUNCATED_END = asciiBytes(',"truncated":true}\n');
+
+/** The answer's model and the token counts its usage gave. */
+function putUsageFields(usage: Usage): void {
+  if (usage.model !== "") putStringField(MODEL, usage.model);
+  for (let type = 0; type < USAGE_FIELDS.length; type += 1) if (usage.tokens[type]! >= 0) putIntegerField(USAGE_FIELDS[type]!, usage.tokens[type]!);
+}
 
 /**
  * The fields every access line starts with (room reserved by the caller).
@@ -2828,6 +3298,12 @@ export interface RelaySession {
   closeReason: string;
   resumePoll: ReturnType<typeof setInterval> | undefined;
   ended: boolean;
+  metrics: Metrics;
+  /** The deployment label its tokens are counted under, from the path or the `deployment` query parameter. */
+  deployment: string;
+  /** The model `session.created` named, and the tokens of the session's responses so far (-1: none said). */
+  model: string;
+  tokens: Usage["tokens"];
 }
 
 type ServerWebSocket<T> = import("bun").ServerWebSocket<T>;
@@ -2864,6 +3340,7 @@ async function relayWebSocket(
   // A fragment never belongs to a request (RFC 9112 section 3.2); fetch drops it, and so does the relay.
   const path = withoutCredentialParameters(withoutFragment(forwardedPath(route, target)));
   const headers = upstreamHandshakeHeaders(req.headers, authorization);
+  const deployment = TOKENS_COUNTED ? websocketDeployment(route.metrics, path) : "";
   // The handshake fails over as requests do: a refusal with 429 or 5xx, or an unreachable backend, moves it on.
   let tried = 0;
   let refused: { handshake: UpstreamHandshake; failure: string; reason: FailoverReason | undefined } | undefined;
@@ -2888,7 +3365,7 @@ async function relayWebSocket(
       // Bun's client refuses what it cannot send (a malformed URL or protocol): the client's handshake was at fault.
       return badHandshake(req, target, errorMessage(error), startedAt, route);
     }
-    session = newSession(socket, target, startedAt, relay);
+    session = newSession(socket, target, deployment, startedAt, relay);
     const failure = await upstreamHandshake(socket, req.signal);
     if (failure === undefined) break;
     const status = refusalStatus(failure);
@@ -2908,8 +3385,52 @@ async function relayWebSocket(
   return undefined;
 }
 
+/** Azure's Realtime endpoint names its deployment in the query (`/openai/realtime?deployment=…`), the older form in the path. */
+function websocketDeployment(metrics: Metrics, path: string): string {
+  const inPath = deploymentLabel(metrics, path);
+  if (inPath !== "") return inPath;
+  const name = new URLSearchParams(path.slice(pathEnd(path))).get("deployment");
+  return name === null ? "" : boundedLabel(metrics.deployments, name, DEPLOYMENT_NAME, MAX_DEPLOYMENT_LABELS);
+}
+
+/** Server events name their `type` first; looking only that far keeps long audio deltas from being searched. */
+const EVENT_TYPE_WITHIN = 96;
+
+/**
+ * Realtime server events: `session.created` and `session.updated` name the
+ * model, each `response.done` carries one response's usage (the Responses
+ * API's WebSocket mode: `response.completed`, with its model). Only those
+ * frames are parsed; each response is counted as it ends.
+ */
+function noteRealtimeEvent(session: RelaySession, frame: string): void {
+  const done = frame.lastIndexOf('"response.done"', EVENT_TYPE_WITHIN) !== -1 || frame.lastIndexOf('"response.completed"', EVENT_TYPE_WITHIN) !== -1;
+  if (!done && frame.lastIndexOf('"session.created"', EVENT_TYPE_WITHIN) === -1 && frame.lastIndexOf('"session.updated"', EVENT_TYPE_WITHIN) === -1) return;
+  let event: { type?: unknown; session?: { model?: unknown }; response?: { model?: unknown; usage?: unknown } };
+  try {
+    event = JSON.parse(frame);
+  } catch {
+    return;
+  }
+  const model = done ? event.response?.model : event.session?.model;
+  if (typeof model === "string" && MODEL_NAME.test(model)) session.model = model;
+  if (!done || (event.type !== "response.done" && event.type !== "response.completed")) return;
+  const tokens = usageTokens(event.response?.usage);
+  if (tokens === undefined) return;
+  countTokens(session.metrics, session.deployment, { model: session.model, tokens });
+  for (let type = 0; type < tokens.length; type += 1) if (tokens[type]! >= 0) session.tokens[type] = Math.max(session.tokens[type]!, 0) + tokens[type]!;
+}
+
+/** The session line's model and token sums, when a response reported usage. */
+function sessionUsageFields(session: RelaySession): Record<string, string | number> {
+  const fields: Record<string, string | number> = {};
+  if (session.tokens[0] === -1 && session.tokens[1] === -1) return fields;
+  if (session.model !== "") fields.model = session.model;
+  for (let type = 0; type < TOKEN_TYPES.length; type += 1) if (session.tokens[type]! >= 0) fields[`${TOKEN_TYPES[type]}_tokens`] = session.tokens[type]!;
+  return fields;
+}
+
 /** A session for an upstream socket whose handshake is under way: its frames queue until the client's upgrade completes. */
-function newSession(socket: WebSocket, target: string, startedAt: number, relay: Relay): RelaySession {
+function newSession(socket: WebSocket, target: string, deployment: string, startedAt: number, relay: Relay): RelaySession {
   socket.binaryType = "nodebuffer";
   const session: RelaySession = {
     path: pathOf(target),
@@ -2926,6 +3447,10 @@ function newSession(socket: WebSocket, target: string, startedAt: number, relay:
     closeReason: "",
     resumePoll: undefined,
     ended: false,
+    metrics: relay.metrics,
+    deployment,
+    model: "",
+    tokens: [-1, -1, -1, -1],
   };
   socket.onmessage = (event) => relayToClient(session, event.data as Frame);
   socket.onclose = (event) => upstreamClosed(session, event.code, event.reason, relay);
@@ -3072,6 +3597,7 @@ function clientOpened(client: ServerWebSocket<RelaySession>): void {
 function relayToClient(session: RelaySession, frame: Frame): void {
   session.framesFromUpstream += 1;
   session.bytesFromUpstream += frameBytes(frame);
+  if (TOKENS_COUNTED && typeof frame === "string") noteRealtimeEvent(session, frame);
   const client = session.client;
   if (client === undefined) {
     session.queued.push(frame);
@@ -3174,6 +3700,7 @@ function endSession(session: RelaySession, relay: Relay): void {
     bytes_from_client: session.bytesFromClient,
     frames_from_upstream: session.framesFromUpstream,
     bytes_from_upstream: session.bytesFromUpstream,
+    ...sessionUsageFields(session),
   });
   if (relay.sessions.size === 0) relay.onIdle?.();
 }

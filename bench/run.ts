@@ -128,6 +128,13 @@ execFileSync(BUN, ["build", join(ROOT, "proxy.ts"), ...BUILD_FLAGS, "--define", 
 const uncountedProxyPort = freePort();
 serve([UNCOUNTED_BINARY], { ...proxyEnv, PORT: String(uncountedProxyPort), LOG_LEVEL: "warn" });
 await waitFor(`http://127.0.0.1:${uncountedProxyPort}/health`);
+// The shipped build at info with only the model token counting defined away (proxy.ts, TOKENS_COUNTED):
+// the bench's chat completion carries usage, so this is what reading it costs.
+const TOKENS_UNCOUNTED_BINARY = join(ROOT, "dist/bench-tokens-uncounted");
+execFileSync(BUN, ["build", join(ROOT, "proxy.ts"), ...BUILD_FLAGS, "--define", "AUTH_PROXY_BENCH_TOKENS_UNCOUNTED=true", "--outfile", TOKENS_UNCOUNTED_BINARY], { stdio: "ignore" });
+const tokensUncountedProxyPort = freePort();
+serve([TOKENS_UNCOUNTED_BINARY], { ...proxyEnv, PORT: String(tokensUncountedProxyPort), LOG_LEVEL: "info" });
+await waitFor(`http://127.0.0.1:${tokensUncountedProxyPort}/health`);
 
 // The same shipped build with a routes file of ten routes (a search API, a Foundry project, deployment
 // routes...), the bench's chat completion taken by the last, `/`, after nine longer prefixes that miss.
@@ -237,8 +244,8 @@ const peakAfterAllLoads = memoryKiB(proxy.pid, "VmHWM");
 // against both on.
 const COST_TRIPLETS = Number(process.env.BENCH_COST_TRIPLETS ?? 20);
 const postRps = (port: number) => wrk(`http://127.0.0.1:${port}${CHAT_PATH}`, 64, join(ROOT, "bench/post.lua")).rps;
-const costArms = { bothOn: countedProxyPort, linesOff: quietProxyPort, bothOff: uncountedProxyPort, routes: routesProxyPort, pool: poolProxyPort };
-const costRps: Record<keyof typeof costArms, number[]> = { bothOn: [], linesOff: [], bothOff: [], routes: [], pool: [] };
+const costArms = { bothOn: countedProxyPort, linesOff: quietProxyPort, bothOff: uncountedProxyPort, tokensOff: tokensUncountedProxyPort, routes: routesProxyPort, pool: poolProxyPort };
+const costRps: Record<keyof typeof costArms, number[]> = { bothOn: [], linesOff: [], bothOff: [], tokensOff: [], routes: [], pool: [] };
 for (let triplet = 0; triplet < COST_TRIPLETS; triplet++) {
   const arms = Object.keys(costArms) as (keyof typeof costArms)[];
   for (let step = 0; step < arms.length; step++) {
@@ -255,8 +262,12 @@ const costRatio = (on: keyof typeof costArms, off: keyof typeof costArms) => {
 const forwardedCount = /^auth_proxy_requests_total\{method="POST",deployment="gpt-4o",code="200"\}/m;
 if (forwardedCount.test(await (await fetch(`http://127.0.0.1:${uncountedProxyPort}/metrics`)).text())) throw new Error("the uncounted build counted forwarded requests: --define did not apply");
 if (!forwardedCount.test(await (await fetch(`http://127.0.0.1:${quietProxyPort}/metrics`)).text())) throw new Error("the shipped build did not count forwarded requests");
+const tokensCount = /^auth_proxy_model_tokens_total\{deployment="gpt-4o",model="gpt-4o",type="input"\} [1-9]/m;
+if (tokensCount.test(await (await fetch(`http://127.0.0.1:${tokensUncountedProxyPort}/metrics`)).text())) throw new Error("the tokens-uncounted build counted tokens: --define did not apply");
+if (!tokensCount.test(await (await fetch(`http://127.0.0.1:${countedProxyPort}/metrics`)).text())) throw new Error("the shipped build did not count the bench's usage");
 const countingCost = costRatio("bothOn", "bothOff");
 const accessLineCost = costRatio("bothOn", "linesOff");
+const tokensCost = costRatio("bothOn", "tokensOff");
 const metricsCost = costRatio("linesOff", "bothOff");
 const routesCost = costRatio("routes", "bothOn");
 const poolCost = costRatio("pool", "bothOn");
@@ -361,6 +372,11 @@ const checks = [
     `Metrics and access lines on ≥ 0.95 × the same code with both off, c=64`,
     `${countingCost.median.toFixed(3)} × (median of ${COST_TRIPLETS} triplets, order rotated; ${countingCost.min.toFixed(3)}-${countingCost.max.toFixed(3)}; ${Math.round(median(costRps.bothOn)).toLocaleString("en-US")} vs ${Math.round(median(costRps.bothOff)).toLocaleString("en-US")} req/s). Apart: access lines ${accessLineCost.median.toFixed(3)} × (info vs warn), metrics ${metricsCost.median.toFixed(3)} × (warn vs uncounted at warn, ${Math.round(median(costRps.linesOff)).toLocaleString("en-US")} req/s)`,
     countingCost.median >= 0.95,
+  ],
+  [
+    `Model token counting on ≥ 0.95 × the same code with it defined away, c=64 (the chat completion carries usage)`,
+    `${tokensCost.median.toFixed(3)} × (median of ${COST_TRIPLETS} rounds, order rotated; ${tokensCost.min.toFixed(3)}-${tokensCost.max.toFixed(3)}; ${Math.round(median(costRps.bothOn)).toLocaleString("en-US")} vs ${Math.round(median(costRps.tokensOff)).toLocaleString("en-US")} req/s)`,
+    tokensCost.median >= 0.95,
   ],
   [
     `Ten routes at c=64 ≥ 0.97 × one upstream (same build, access lines on)`,

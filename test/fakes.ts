@@ -460,8 +460,25 @@ export interface RecordedRequest {
  * `/test/...` routes that shape a response for one contract point. It
  * records every request exactly as received.
  */
+/**
+ * An answer a test gives the fake to send under `/test/answer/<name>`: its
+ * parts are written one TCP write each, `gapMs` apart (or each after the
+ * test's `releaseEvent()` when `gated`), so a value can be cut anywhere.
+ */
+export interface CannedAnswer {
+  status?: number;
+  headers: Record<string, string | number>;
+  parts: (string | Buffer)[];
+  gapMs?: number;
+  gated?: boolean;
+}
+
 export class FakeAzureOpenAI {
   readonly received: RecordedRequest[] = [];
+  /** Canned answers by name, for `/test/answer/<name>`. */
+  readonly answers = new Map<string, CannedAnswer>();
+  /** When each canned answer's last part was written (ms since the epoch), by name. */
+  readonly lastPartWrittenAt = new Map<string, number>();
   /** Requests that arrived with an expired or foreign token. */
   rejected = 0;
   /** SSE gate: when set, each event waits for `releaseEvent()`. */
@@ -552,7 +569,7 @@ export class FakeAzureOpenAI {
     return this.testRoute(path, new URLSearchParams(record.target.split("?")[1] ?? ""), record, res);
   }
 
-  private async chatCompletion(request: { stream?: boolean; messages?: { content?: string }[] }, res: http.ServerResponse): Promise<void> {
+  private async chatCompletion(request: { stream?: boolean; stream_options?: { include_usage?: boolean }; messages?: { content?: string }[] }, res: http.ServerResponse): Promise<void> {
     const words = ["Hello", " from", " the", " fake", " Azure", " OpenAI", "."];
     const id = `chatcmpl-${randomBytes(6).toString("hex")}`;
     const created = Math.floor(Date.now() / 1000);
@@ -566,16 +583,42 @@ export class FakeAzureOpenAI {
       return;
     }
     res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-cache" });
+    // With stream_options.include_usage every chunk carries `"usage":null` and one more, with no choices, the usage (API reference).
+    const withUsage = request.stream_options?.include_usage === true;
+    const usageField = withUsage ? { usage: null } : {};
     for (const [index, word] of words.entries()) {
-      const chunk = { id, object: "chat.completion.chunk", created, model: "gpt-4o", choices: [{ index: 0, delta: index === 0 ? { role: "assistant", content: word } : { content: word }, finish_reason: null }] };
+      const chunk = { id, object: "chat.completion.chunk", created, model: "gpt-4o", choices: [{ index: 0, delta: index === 0 ? { role: "assistant", content: word } : { content: word }, finish_reason: null }], ...usageField };
       res.write(`data: ${JSON.stringify(chunk)}\n\n`);
       await Bun.sleep(80);
     }
-    res.write(`data: ${JSON.stringify({ id, object: "chat.completion.chunk", created, model: "gpt-4o", choices: [{ index: 0, delta: {}, finish_reason: "stop" }] })}\n\n`);
+    res.write(`data: ${JSON.stringify({ id, object: "chat.completion.chunk", created, model: "gpt-4o", choices: [{ index: 0, delta: {}, finish_reason: "stop" }], ...usageField })}\n\n`);
+    if (withUsage) {
+      const usage = { prompt_tokens: 9, completion_tokens: words.length, total_tokens: 9 + words.length, prompt_tokens_details: { cached_tokens: 0 }, completion_tokens_details: { reasoning_tokens: 0 } };
+      res.write(`data: ${JSON.stringify({ id, object: "chat.completion.chunk", created, model: "gpt-4o", choices: [], usage })}\n\n`);
+    }
     res.end("data: [DONE]\n\n");
   }
 
+  private async cannedAnswer(name: string, record: RecordedRequest, res: http.ServerResponse): Promise<void> {
+    const answer = this.answers.get(name);
+    if (answer === undefined) {
+      res.writeHead(404, { "content-type": "application/json" });
+      return void res.end(JSON.stringify({ error: { code: "404", message: `no canned answer ${name}` } }));
+    }
+    res.writeHead(answer.status ?? 200, answer.headers);
+    res.flushHeaders();
+    for (const [index, part] of answer.parts.entries()) {
+      if (index > 0 && answer.gated) await this.waitForRelease();
+      else if (index > 0 && answer.gapMs) await Bun.sleep(answer.gapMs);
+      if (record.closedAtMs !== undefined) return;
+      if (!res.write(part)) await new Promise((resolve) => res.once("drain", resolve));
+    }
+    this.lastPartWrittenAt.set(name, Date.now());
+    res.end();
+  }
+
   private async testRoute(path: string, query: URLSearchParams, record: RecordedRequest, res: http.ServerResponse): Promise<void> {
+    if (path.startsWith("/test/answer/")) return this.cannedAnswer(path.slice("/test/answer/".length), record, res);
     switch (path) {
       case "/test/sse": {
         // N events; with `gated`, each waits until the test has seen the previous one.
@@ -766,7 +809,7 @@ export class FakeRealtime {
         backpressureLimit: 64 * 1024 * 1024,
         open: (ws) => {
           this.open.add(ws);
-          ws.send(JSON.stringify({ type: "session.created", event_id: "event_1", session: { id: "sess_fake", object: "realtime.session" } }));
+          ws.send(JSON.stringify({ type: "session.created", event_id: "event_1", session: { id: "sess_fake", object: "realtime.session", model: "gpt-4o-realtime-preview-2024-12-17" } }));
         },
         message: (ws, message) => this.message(ws, message),
         drain: (ws) => this.floods.get(ws)?.(),
