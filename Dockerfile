@@ -15,6 +15,8 @@ FROM --platform=$BUILDPLATFORM ${BUN_IMAGE} AS build
 ARG TARGETARCH
 ARG BUILDARCH
 ARG GIT_COMMIT=unknown
+# The registry `bun install` (and the cross-compile's Bun download) uses: `make image` passes the machine's npm one.
+ARG NPM_CONFIG_REGISTRY=https://registry.npmjs.org/
 WORKDIR /src
 COPY package.json bun.lock ./
 RUN bun install --frozen-lockfile

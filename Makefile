@@ -11,7 +11,7 @@ BUILD := $(BUN) run build --define 'AUTH_PROXY_COMMIT="$(COMMIT)"'
 # bun-linux-x64 needs AVX2; X64_TARGET=bun-linux-x64-baseline runs on older CPUs.
 X64_TARGET ?= bun-linux-x64
 
-.PHONY: install test test-tools typecheck demo run build build-x64 test-binary image-check bench bench-ab soak clean
+.PHONY: install test test-tools typecheck demo run build build-x64 test-binary image-check image image-test bench bench-ab soak clean
 
 install: node_modules/.installed
 
@@ -56,6 +56,20 @@ image-check: build
 	@if command -v qemu-aarch64 >/dev/null && [ -d /usr/aarch64-linux-gnu ]; then \
 	  echo "arm64 smoke (qemu-user): $$(qemu-aarch64 -L /usr/aarch64-linux-gnu dist/auth-proxy-linux-arm64 --version)"; \
 	else echo "arm64 smoke skipped: apt-get install qemu-user libc6-arm64-cross"; fi
+
+# The Dockerfile built into OCI archives in dist/ (Docker or Podman when they work, else buildah
+# with local stand-ins for the two base images); see deploy/image/build.sh and README "Container image".
+IMAGE_TOOLS := buildah skopeo umoci mmdebstrap
+image: install
+	@missing=; for tool in $(IMAGE_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ] && ! docker info >/dev/null 2>&1; then echo "installing$$missing (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(IMAGE_TOOLS) >/dev/null; fi
+	bash deploy/image/build.sh
+
+# Each archive's config, contents and the binary inside it run read-only as uid 65532.
+image-test: install
+	@missing=; for tool in skopeo umoci qemu-aarch64; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then echo "installing skopeo umoci qemu-user (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo umoci qemu-user >/dev/null; fi
+	$(BUN) test/image-test.ts
 
 # Side by side with the upstream direct, nginx and a bare Bun passthrough; writes bench/RESULTS.md.
 bench: build-x64

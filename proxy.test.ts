@@ -11,8 +11,14 @@ import net from "node:net";
 import { brotliCompressSync, deflateSync, gzipSync } from "node:zlib";
 import { join } from "node:path";
 import { Deployment } from "kubernetes-models/apps/v1/Deployment";
+import { HorizontalPodAutoscaler } from "kubernetes-models/autoscaling/v2/HorizontalPodAutoscaler";
+import { NetworkPolicy } from "kubernetes-models/networking.k8s.io/v1/NetworkPolicy";
+import { PodDisruptionBudget } from "kubernetes-models/policy/v1/PodDisruptionBudget";
+import { ConfigMap } from "kubernetes-models/v1/ConfigMap";
 import { Secret } from "kubernetes-models/v1/Secret";
+import { Service } from "kubernetes-models/v1/Service";
 import { ServiceAccount } from "kubernetes-models/v1/ServiceAccount";
+import { validateWorkflow } from "@action-validator/core";
 import { AzureOpenAI } from "openai";
 import packageJson from "./package.json" with { type: "json" };
 import {
@@ -2025,14 +2031,15 @@ describe("Token lifecycle", () => {
     expect(backoffDelay(20, 0)).toBe(30000);
   });
 
-  test("tokens living 6 s: 30 s of continuous traffic without a 401, a 503 or an expired token", async () => {
+  // Three lifetimes, six refreshes at half-life; `make soak` holds 10 minutes of load with 20 s tokens.
+  test("tokens living 6 s: 18 s of continuous traffic without a 401, a 503 or an expired token", async () => {
     entra.tokenLifetimeSeconds = 6;
     try {
       const proxy = await startProxy(baseEnv({ LOG_LEVEL: "warn" }));
       await proxy.waitForHealth();
       const rejectedBefore = upstream.rejected;
       const statuses = new Map<number, number>();
-      const until = Date.now() + 30_000;
+      const until = Date.now() + 18_000;
       await Promise.all(Array.from({ length: 4 }, async () => {
         while (Date.now() < until) {
           const response = await fetch(`${proxy.url}/openai/models`);
@@ -3359,6 +3366,8 @@ describe("Deployment artifacts", () => {
     // Bun.YAML.parse gives an array for a multi-document file and the document itself otherwise.
     .flatMap((file) => ([] as any[]).concat(Bun.YAML.parse(readFileSync(join(ROOT, "deploy/kubernetes", file), "utf8"))).map((doc) => ({ file, doc })));
   const deployments = manifests.filter(({ doc }) => doc.kind === "Deployment");
+  // The sidecar manifests: an app container beside the proxy (gateway.yaml is the shared gateway).
+  const sidecars = deployments.filter(({ doc }) => doc.spec.template.spec.containers.some((c: any) => c.name === "app"));
   const proxyOf = (doc: any) => [...(doc.spec.template.spec.initContainers ?? []), ...doc.spec.template.spec.containers].find((c: any) => c.name === "auth-proxy");
   const envOf = (container: any) => Object.fromEntries(container.env.map((e: any) => [e.name, e.value]));
 
@@ -3366,14 +3375,16 @@ describe("Deployment artifacts", () => {
     for (const { file, doc } of deployments) {
       const spec = doc.spec.template.spec;
       const secrets = (spec.volumes ?? []).flatMap((volume: any) => (volume.secret ? [volume.secret.secretName] : []));
+      const configMaps = (spec.volumes ?? []).flatMap((volume: any) => (volume.configMap ? [volume.configMap.name] : []));
       const inFile = (kind: string, name: string) => manifests.some((other) => other.file === file && other.doc.kind === kind && other.doc.metadata.name === name);
       for (const name of secrets) expect(inFile("Secret", name), `${file}: Secret ${name}`).toBe(true);
+      for (const name of configMaps) expect(inFile("ConfigMap", name), `${file}: ConfigMap ${name}`).toBe(true);
       if (spec.serviceAccountName) expect(inFile("ServiceAccount", spec.serviceAccountName), `${file}: ServiceAccount`).toBe(true);
     }
   });
 
   test("the app's environment works for LiteLLM and the OpenAI SDKs alike, and keeps localhost off any outbound proxy", () => {
-    for (const { file, doc } of deployments) {
+    for (const { file, doc } of sidecars) {
       const app = doc.spec.template.spec.containers.find((container: any) => container.name === "app");
       expect(Object.keys(envOf(app)).sort(), file).toEqual(
         ["AZURE_API_BASE", "AZURE_API_KEY", "AZURE_API_VERSION", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", "NO_PROXY", "OPENAI_API_VERSION"].sort(),
@@ -3383,10 +3394,10 @@ describe("Deployment artifacts", () => {
   });
 
   test("every Kubernetes manifest validates against the Kubernetes OpenAPI schemas", () => {
-    expect(deployments.map(({ file }) => file).sort()).toEqual(["classic-sidecar.yaml", "native-sidecar.yaml", "workload-identity.yaml"]);
+    expect(deployments.map(({ file }) => file).sort()).toEqual(["classic-sidecar.yaml", "gateway.yaml", "native-sidecar.yaml", "workload-identity.yaml"]);
+    const models: Record<string, new (doc: any) => { validate(): void }> = { Deployment, Secret, ServiceAccount, ConfigMap, Service, PodDisruptionBudget, HorizontalPodAutoscaler, NetworkPolicy };
     for (const { file, doc } of manifests) {
-      const model =
-        doc.kind === "Deployment" ? new Deployment(doc) : doc.kind === "Secret" ? new Secret(doc) : doc.kind === "ServiceAccount" ? new ServiceAccount(doc) : undefined;
+      const model = models[doc.kind] === undefined ? undefined : new models[doc.kind]!(doc);
       expect(model, `${file}: ${doc.kind}`).toBeDefined();
       model!.validate();
     }
@@ -3400,8 +3411,8 @@ describe("Deployment artifacts", () => {
     expect(proxy.startupProbe.httpGet).toEqual({ path: "/health", port: "admin" });
   });
 
-  test("the proxy runs locked down, bound to loopback, probed on the admin port, and drains before SIGKILL", () => {
-    for (const { doc } of deployments) {
+  test("the proxy runs locked down, bound to loopback beside its app (the gateway: the pod IP), probed on the admin port, and drains before SIGKILL", () => {
+    for (const { file, doc } of deployments) {
       const pod = doc.spec.template.spec;
       expect(pod.securityContext).toMatchObject({ runAsNonRoot: true, runAsUser: 65532, seccompProfile: { type: "RuntimeDefault" } });
       const proxy = proxyOf(doc);
@@ -3409,13 +3420,53 @@ describe("Deployment artifacts", () => {
       expect(proxy.resources.requests.memory).toBeDefined();
       expect(proxy.resources.limits.memory).toBeDefined();
       const env = envOf(proxy);
-      expect(env.HOST).toBe("127.0.0.1");
+      expect(env.HOST).toBe(file === "gateway.yaml" ? "0.0.0.0" : "127.0.0.1");
       // kubelet's HTTP probes reach the pod IP, never 127.0.0.1: every probe goes to the admin listener.
       for (const probe of [proxy.readinessProbe, proxy.livenessProbe, proxy.startupProbe]) expect(probe.httpGet.port).toBe("admin");
       expect(env.ADMIN_HOST ?? "0.0.0.0").toBe("0.0.0.0");
-      expect(pod.terminationGracePeriodSeconds).toBeGreaterThan(Number(env.SHUTDOWN_TIMEOUT ?? 25));
+      expect(pod.terminationGracePeriodSeconds).toBeGreaterThan(Number(env.SHUTDOWN_TIMEOUT ?? 25) + (proxy.lifecycle?.preStop?.sleep?.seconds ?? 0));
       for (const mount of proxy.volumeMounts ?? []) expect(mount.readOnly).toBe(true);
     }
+  });
+
+  test("the shared gateway: 2 replicas spread over nodes and zones, a Service, a PDB, a CPU autoscaler, a NetworkPolicy for labelled callers, caller keys from a Secret and a routes file the proxy accepts", () => {
+    const docs = manifests.filter(({ file }) => file === "gateway.yaml").map(({ doc }) => doc);
+    const of = (kind: string) => docs.find((doc) => doc.kind === kind);
+    const deployment = of("Deployment");
+    const pod = deployment.spec.template;
+    const selector = deployment.spec.selector.matchLabels;
+    expect(deployment.spec.replicas).toBe(2);
+    expect(pod.spec.topologySpreadConstraints.map((c: any) => c.topologyKey).sort()).toEqual(["kubernetes.io/hostname", "topology.kubernetes.io/zone"]);
+    for (const constraint of pod.spec.topologySpreadConstraints) expect(constraint.labelSelector.matchLabels).toEqual(selector);
+    // Workload identity: the annotated ServiceAccount and the webhook's label.
+    expect(pod.spec.serviceAccountName).toBe(of("ServiceAccount").metadata.name);
+    expect(pod.metadata.labels["azure.workload.identity/use"]).toBe("true");
+    expect(of("Service").spec.selector).toEqual(selector);
+    expect(of("Service").spec.ports[0].targetPort).toBe("http");
+    expect(of("PodDisruptionBudget").spec).toMatchObject({ minAvailable: 1, selector: { matchLabels: selector } });
+    const autoscaler = of("HorizontalPodAutoscaler");
+    expect(autoscaler.spec.scaleTargetRef).toEqual({ apiVersion: "apps/v1", kind: "Deployment", name: deployment.metadata.name });
+    expect(autoscaler.spec.minReplicas).toBe(2);
+    expect(autoscaler.spec.metrics[0].resource.name).toBe("cpu");
+    const proxy = proxyOf(deployment);
+    expect(proxy.resources.requests.cpu).toBeDefined(); // utilization is measured against the request
+    // Only labelled callers reach the proxy's port; the admin port only Prometheus.
+    const policy = of("NetworkPolicy");
+    expect(policy.spec.podSelector.matchLabels).toEqual(selector);
+    expect(policy.spec.ingress.find((rule: any) => rule.ports[0].port === "http").from).toEqual([{ namespaceSelector: {}, podSelector: { matchLabels: { "auth-proxy-client": "true" } } }]);
+    expect(policy.spec.ingress.every((rule: any) => rule.from.every((peer: any) => peer.podSelector?.matchLabels))).toBe(true);
+    // The keys file and the routes file are where the Secret and the ConfigMap are mounted.
+    const env = envOf(proxy);
+    const mountOf = (volume: string) => proxy.volumeMounts.find((mount: any) => mount.name === volume).mountPath;
+    const volumeOf = (predicate: (volume: any) => boolean) => pod.spec.volumes.find(predicate).name;
+    const keysVolume = volumeOf((volume) => volume.secret?.secretName === of("Secret").metadata.name);
+    const routesVolume = volumeOf((volume) => volume.configMap?.name === of("ConfigMap").metadata.name);
+    expect(env.PROXY_API_KEYS_FILE).toBe(`${mountOf(keysVolume)}/${Object.keys(of("Secret").stringData)[0]}`);
+    expect(env.AUTH_PROXY_ROUTES).toBe(`${mountOf(routesVolume)}/routes.yaml`);
+    const { routes, faults } = parseRoutes(of("ConfigMap").data["routes.yaml"], "https://cognitiveservices.azure.com/.default");
+    expect(faults).toEqual([]);
+    expect(routes.map((route) => route.prefix)).toEqual(["/search", "/"]);
+    expect(env.API_BASE_URL).toBeUndefined();
   });
 
   test("the workload-identity variant: an annotated ServiceAccount, the webhook's pod label, no certificate, and the webhook's variables choose the mode", () => {
@@ -3469,6 +3520,21 @@ describe("Deployment artifacts", () => {
     expect([...firing].sort()).toEqual([...alerts].sort());
     const recorded = new Set(unitTests.tests.flatMap((t: any) => (t.promql_expr_test ?? []).map((e: any) => e.expr)));
     expect([...recorded]).toEqual(records);
+  });
+
+  test("the release workflow validates against GitHub's workflow schema and pushes both architectures with provenance and an SBOM, and the binaries with SHA-256 sums", () => {
+    const text = readFileSync(join(ROOT, ".github/workflows/release.yml"), "utf8");
+    expect(validateWorkflow(text).errors).toEqual([]);
+    // The validator can fail: a job without steps' list is refused.
+    expect(validateWorkflow("on: push\njobs:\n  x:\n    runs-on: 5\n    steps: nope\n").errors.length).toBeGreaterThan(0);
+    const workflow = Bun.YAML.parse(text) as any;
+    expect(workflow.on.push.tags).toEqual(["v*"]);
+    const pushes = workflow.jobs.image.steps.filter((step: any) => String(step.uses).startsWith("docker/build-push-action"));
+    expect(pushes.map((step: any) => step.with.target ?? "distroless")).toEqual(["distroless", "scratch"]);
+    for (const step of pushes) expect(step.with).toMatchObject({ platforms: "linux/amd64,linux/arm64", push: true, provenance: "mode=max", sbom: true });
+    const binaries = workflow.jobs.binaries.steps.map((step: any) => step.run ?? "").join("\n");
+    expect(binaries).toContain("make build");
+    expect(binaries).toContain("sha256sum auth-proxy-linux-x64 auth-proxy-linux-arm64 > SHA256SUMS");
   });
 
   test("the PodMonitor scrapes /metrics on the admin port the manifests name", () => {
