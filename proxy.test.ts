@@ -48,7 +48,6 @@ import {
   upstreamSubprotocols,
   type Usage,
   usageInBody,
-  usageTokens,
   websocketBaseUrl,
   outboundProxyFor,
   withoutCredentialParameters,
@@ -3208,9 +3207,9 @@ describe("Pure pieces", () => {
       ['{"model":"gpt-4o","usage":{"completion_tokens":3,"completion_tokens_details":{"reasoning_tokens":4}}}', { model: "gpt-4o", tokens: [-1, 3, -1, -1] }],
     ];
     for (const [text, expected] of cases) expect(read(text), text).toEqual(expected);
-    // Realtime's usage is parsed whole (one event per response): the same rules.
-    expect(usageTokens({ input_tokens: 10, output_tokens: 2, input_token_details: { cached_tokens: 4 } })).toEqual([10, 2, 4, -1]);
-    expect(usageTokens({ input_tokens: "10", output_tokens: null })).toBeUndefined();
+    // Realtime's shape (`input_token_details`), read by the same reader.
+    expect(read('{"type":"response.done","response":{"usage":{"input_tokens":10,"output_tokens":2,"input_token_details":{"cached_tokens":4}}}}')).toEqual({ model: "", tokens: [10, 2, 4, -1] });
+    expect(read('{"type":"response.done","response":{"usage":{"input_tokens":"10","output_tokens":null}}}')).toBeUndefined();
   });
 
   test("deploymentLabel names the deployment whole, whether or not it is the last one seen", () => {

@@ -2223,31 +2223,6 @@ export function newUsageScan(): UsageScan {
   return { model: "", usage: undefined, carried: undefined, decoder: undefined, decodedBytes: 0 };
 }
 
-/**
- * The usage object in `usage`: chat completions, completions and embeddings
- * (`prompt_tokens`, `completion_tokens`, `*_tokens_details`), the Responses
- * API (`input_tokens`, `output_tokens`, `*_tokens_details`) and Realtime
- * (`input_token_details`). Counts that are not whole numbers within reason
- * are not counted; a usage with neither input nor output is none.
- */
-export function usageTokens(usage: unknown): Usage["tokens"] | undefined {
-  if (typeof usage !== "object" || usage === null) return undefined;
-  const fields = usage as Record<string, unknown>;
-  const input = tokenCount(fields.prompt_tokens ?? fields.input_tokens);
-  const output = tokenCount(fields.completion_tokens ?? fields.output_tokens);
-  if (input === -1 && output === -1) return undefined;
-  const inputDetails = (fields.prompt_tokens_details ?? fields.input_tokens_details ?? fields.input_token_details) as Record<string, unknown> | null | undefined;
-  const outputDetails = (fields.completion_tokens_details ?? fields.output_tokens_details ?? fields.output_token_details) as Record<string, unknown> | null | undefined;
-  const cached = tokenCount(inputDetails?.cached_tokens);
-  const reasoning = tokenCount(outputDetails?.reasoning_tokens);
-  // The details are parts of their totals: a part larger than its whole is not believed.
-  return [input, output, cached <= input ? cached : -1, reasoning <= output ? reasoning : -1];
-}
-
-function tokenCount(value: unknown): number {
-  return typeof value === "number" && Number.isSafeInteger(value) && value >= 0 && value <= MAX_TOKENS_AN_ANSWER ? value : -1;
-}
-
 /** Where `key` (quotes included) begins at or after `from`, or -1: a native search for its first letter, then a check. */
 function keyAt(bytes: Uint8Array, key: Uint8Array, from: number): number {
   for (let at = bytes.indexOf(key[1]!, from + 1); at !== -1; at = bytes.indexOf(key[1]!, at + 1)) {
@@ -2297,7 +2272,14 @@ function objectEnd(bytes: Uint8Array, start: number): number {
   return stop === bytes.length ? -1 : -2;
 }
 
-/** The usage after the key at `key`: its tokens, null when it is none (`null`, not an object, not believable), undefined when the bytes end first. */
+/**
+ * The usage after the key at `key`, in every shape: chat completions,
+ * completions and embeddings (`prompt_tokens`, `completion_tokens`,
+ * `*_tokens_details`), the Responses API (`input_tokens`, `output_tokens`,
+ * `*_tokens_details`) and Realtime (`input_token_details`). Its tokens;
+ * null when it is none (`null`, not an object, not believable); undefined
+ * when the bytes end first.
+ */
 function usageAt(bytes: Uint8Array, key: number): Usage["tokens"] | null | undefined {
   const start = valueStart(bytes, key + USAGE_KEY.length);
   if (start === -1) return undefined;
@@ -3405,7 +3387,7 @@ const EVENT_TYPE_WITHIN = 96;
 function noteRealtimeEvent(session: RelaySession, frame: string): void {
   const done = frame.lastIndexOf('"response.done"', EVENT_TYPE_WITHIN) !== -1 || frame.lastIndexOf('"response.completed"', EVENT_TYPE_WITHIN) !== -1;
   if (!done && frame.lastIndexOf('"session.created"', EVENT_TYPE_WITHIN) === -1 && frame.lastIndexOf('"session.updated"', EVENT_TYPE_WITHIN) === -1) return;
-  let event: { type?: unknown; session?: { model?: unknown }; response?: { model?: unknown; usage?: unknown } };
+  let event: { type?: unknown; session?: { model?: unknown }; response?: { model?: unknown } };
   try {
     event = JSON.parse(frame);
   } catch {
@@ -3414,8 +3396,11 @@ function noteRealtimeEvent(session: RelaySession, frame: string): void {
   const model = done ? event.response?.model : event.session?.model;
   if (typeof model === "string" && MODEL_NAME.test(model)) session.model = model;
   if (!done || (event.type !== "response.done" && event.type !== "response.completed")) return;
-  const tokens = usageTokens(event.response?.usage);
-  if (tokens === undefined) return;
+  // The same reader and rules as for HTTP answers: the event's last `usage` key is its response's.
+  const bytes = Buffer.from(frame);
+  const key = lastKeyAt(bytes, USAGE_KEY, bytes.length);
+  const tokens = key === -1 ? undefined : usageAt(bytes, key);
+  if (tokens === undefined || tokens === null) return;
   countTokens(session.metrics, session.deployment, { model: session.model, tokens });
   for (let type = 0; type < tokens.length; type += 1) if (tokens[type]! >= 0) session.tokens[type] = Math.max(session.tokens[type]!, 0) + tokens[type]!;
 }
