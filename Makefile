@@ -23,8 +23,12 @@ node_modules/.installed: package.json package-lock.json
 typecheck: install
 	tsc --noEmit -p .
 
-# promtool (Debian's prometheus package) checks the /metrics exposition and the alert rules in the suite.
+# promtool (Debian's prometheus package) checks the /metrics exposition and the alert rules in the suite;
+# python3 holds a listener that never accepts (a SYN-dropping backend: Node and Bun accept on their own).
 test-tools:
+	@command -v python3 >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing python3 (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 >/dev/null; \
+	  else echo "python3 is needed by the tests: sudo apt-get install python3"; exit 1; fi; }
 	@command -v promtool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then echo "installing promtool (apt: prometheus)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool is needed by the tests: sudo apt-get install prometheus"; exit 1; fi; }
@@ -77,6 +81,7 @@ bench: build-x64
 	if [ -n "$$missing" ]; then echo "installing wrk and nginx (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx util-linux >/dev/null; fi
 	X64_TARGET=$(X64_TARGET) $(BUN) bench/run.ts
 	$(BUN) bench/pool-load.ts
+	$(BUN) bench/hostile-backends.ts
 
 # The working tree's build against BASE's (a git ref, default HEAD), side by side in alternating rounds:
 # what a change costs, measured against its own baseline on the same machine at the same time.

@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createHash, randomBytes, X509Certificate } from "node:crypto";
 import { closeSync, constants as fsConstants, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import net from "node:net";
-import { brotliCompressSync, deflateSync, gzipSync } from "node:zlib";
+import { brotliCompressSync, constants as zlibConstants, deflateSync, gzipSync } from "node:zlib";
 import { join } from "node:path";
 import { Deployment } from "kubernetes-models/apps/v1/Deployment";
 import { HorizontalPodAutoscaler } from "kubernetes-models/autoscaling/v2/HorizontalPodAutoscaler";
@@ -55,7 +55,7 @@ import {
 import { CertificateFactory, type ClientCertificate } from "./test/certificates.ts";
 import { type AppRegistration, type CannedAnswer, FakeAzureOpenAI, FakeEntraId, FakeManagedIdentityEndpoint, FakeOidcIssuer, FakeRealtime, patternBytes, ScriptedBackend } from "./test/fakes.ts";
 import { allOutput, freePort, type LogLine, memoryKiB, ROOT, ROUTES_MODE, spawnProxy, startProxy, stopAllProxies, type ProxyProcess } from "./test/harness.ts";
-import { chunkedBodyReader, idleCloseAfterResponse, openStream, rawRequest, readSlowly, startConnectProxy } from "./test/http.ts";
+import { chunkedBodyReader, idleCloseAfterResponse, openStream, rawRequest, readSlowly, stalledUpload, startBlackHole, startConnectProxy, startSilentListener } from "./test/http.ts";
 import { promtool, scrape, valueOf } from "./test/prometheus.ts";
 import * as usage from "./test/usage.ts";
 import { rawUpgrade, TestSocket } from "./test/websocket.ts";
@@ -131,6 +131,57 @@ let realtime: FakeRealtime;
 const KEEP_ALIVE_WAIT_MS = (KEEP_ALIVE_IDLE_SECONDS + 15) * 1000;
 let idleConnections: Promise<{ target: string; closedAfterMs: number | undefined; response: string }[]>;
 
+/** What stalled uploads did to a pool: the failover of an ordinary request meanwhile, and the uploads' end after the idle time. */
+interface StalledUploads {
+  /** An ordinary 1 KB POST sent while they stalled: its status and backend (the first answers 429). */
+  ordinary: { status: number; backend: string | null };
+  /** auth_proxy_held_request_body_bytes while they stalled, and after they were closed. */
+  heldWhileStalled: number;
+  heldAfter: number;
+  uploads: { announced: number; sent: number; response: string; closedAfterMs: number | undefined }[];
+  lines: LogLine[];
+}
+let stalledUploads: Promise<StalledUploads>;
+const STALLED_UPLOAD_WAIT_MS = (KEEP_ALIVE_IDLE_SECONDS + 25) * 1000;
+
+/**
+ * 16 uploads announcing 4 MiB and sending one byte, and 12 sending 3 MiB of
+ * their 4 MiB, to a pool whose first backend answers 429: the replay budget
+ * counts bytes received, arriving bodies hold at most half of it, and each
+ * stalled one is closed after the idle time, its hold released.
+ */
+async function stallUploads(): Promise<StalledUploads> {
+  const primary = new ScriptedBackend("stall-primary").start();
+  primary.fallback = { status: 429, headers: { "retry-after-ms": "0" } };
+  const secondary = new ScriptedBackend("stall-secondary").start();
+  const file = certs.write("stall-pool.yaml", `routes:\n  - prefix: /\n    backends:\n      - url: ${primary.url}\n        name: stall-primary\n      - url: ${secondary.url}\n        name: stall-secondary\n        priority: 2\n`);
+  const proxy = await startProxy(baseEnv({ API_BASE_URL: undefined, AUTH_PROXY_ROUTES: file, SHUTDOWN_TIMEOUT: "1" }));
+  await proxy.waitForHealth();
+  const held = async () => valueOf((await scrape(proxy.url)).samples, "auth_proxy_held_request_body_bytes") ?? -1;
+  const plan = [...Array.from({ length: 16 }, () => 1), ...Array.from({ length: 12 }, () => 3 * 1024 * 1024)];
+  const uploads = plan.map((sent) => ({ sent, announced: 4 * 1024 * 1024, ...stalledUpload(proxy.port, "/openai/deployments/x/files", 4 * 1024 * 1024, sent, STALLED_UPLOAD_WAIT_MS) }));
+  await Promise.all(uploads.map((upload) => upload.written));
+  const deadline = Date.now() + 10_000;
+  while ((await held()) < 16 + 10 * 3 * 1024 * 1024 && Date.now() < deadline) await Bun.sleep(50);
+  const heldWhileStalled = await held();
+  const ordinary = await fetch(`${proxy.url}/openai/deployments/x/chat/completions`, { method: "POST", body: "x".repeat(1024) });
+  await ordinary.text();
+  const ended = await Promise.all(uploads.map((upload) => upload.done));
+  const heldAfter = await held();
+  for (const upload of uploads) upload.socket.destroy();
+  const lines = [...proxy.lines];
+  await proxy.stop();
+  primary.stop();
+  secondary.stop();
+  return {
+    ordinary: { status: ordinary.status, backend: ordinary.headers.get("x-backend") },
+    heldWhileStalled,
+    heldAfter,
+    uploads: uploads.map(({ announced, sent }, index) => ({ announced, sent, ...ended[index]! })),
+    lines,
+  };
+}
+
 beforeAll(async () => {
   tls = certs.serverTls();
   entra = new FakeEntraId(tls).start();
@@ -159,6 +210,8 @@ beforeAll(async () => {
     ...idle("/live", 5),
   ]);
   idleConnections.catch(() => {});
+  stalledUploads = stallUploads();
+  stalledUploads.catch(() => {});
   realtime = new FakeRealtime(entra).start();
   const websocketProxy = await startProxy(baseEnv({ API_BASE_URL: realtime.url }));
   await websocketProxy.waitForHealth();
@@ -306,6 +359,7 @@ describe("Startup", () => {
     ["a bad port", () => baseEnv({ PORT: "http" }), ["PORT=http is not a TCP port"]],
     ["a bad --port flag", () => ({ ...baseEnv(), __flags: "--port=-1" }), ["--port=-1 is not a TCP port"]],
     ["a negative SHUTDOWN_TIMEOUT", () => baseEnv({ SHUTDOWN_TIMEOUT: "-1" }), ["SHUTDOWN_TIMEOUT=-1 must be a number of seconds"]],
+    ["an AUTH_PROXY_CONNECT_TIMEOUT that is not a number of seconds", () => baseEnv({ AUTH_PROXY_CONNECT_TIMEOUT: "10s" }), ["AUTH_PROXY_CONNECT_TIMEOUT=10s must be a number of seconds above 0 and at most 120"]],
     ["a certificate path that does not exist", () => baseEnv({ AZURE_CERTIFICATE_PATH: "/nonexistent/cert.pem" }), ["AZURE_CERTIFICATE_PATH=/nonexistent/cert.pem cannot be read (no such file)"]],
     ["a certificate path that is a directory", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.dir }), [`AZURE_CERTIFICATE_PATH=${certs.dir} cannot be read (is a directory)`]],
     ["a PEM without a certificate", () => baseEnv({ AZURE_CERTIFICATE_PATH: certs.write("key-only.pem", appCertificate.privateKeyPem) }), ["key-only.pem holds no certificate"]],
@@ -1427,6 +1481,10 @@ routes:
     ["a scope that is not a /.default one", "routes:\n  - prefix: /\n    scope: https://search.azure.com/user_impersonation\n    backends: [{ url: https://a.example }]\n", ["routes[0].scope", "/.default"]],
     ["a priority or weight that is not a positive integer", "routes:\n  - prefix: /\n    backends:\n      - url: https://a.example\n        priority: 0\n      - url: https://b.example\n        weight: 1.5\n", ["routes[0].backends[0].priority must be a positive integer", "routes[0].backends[1].weight must be a positive integer"]],
     ["no backends", "routes:\n  - prefix: /\n    backends: []\n", ["routes[0].backends must list one to 32 backends"]],
+    // Clients send these percent-encoded (`/caf%C3%A9`), so such a prefix would never match and its requests would reach the catch-all.
+    ["a prefix clients must percent-encode", "routes:\n  - prefix: /café\n    backends: [{ url: https://a.example }]\n  - prefix: /a\"b\n    backends: [{ url: https://a.example }]\n", ["routes[0].prefix /café must be plain path segments", 'routes[1].prefix /a"b must be plain path segments']],
+    ["a scope that names no resource", "routes:\n  - prefix: /\n    scope: /.default\n    backends: [{ url: https://a.example }]\n", ["routes[0].scope \"/.default\" must be one resource's /.default scope"]],
+    ["a connect_timeout that is not a number of seconds", "routes:\n  - prefix: /\n    backends:\n      - url: https://a.example\n        connect_timeout: 0\n      - url: https://b.example\n        connect_timeout: soon\n", ["routes[0].backends[0].connect_timeout=0 must be a number of seconds", "routes[0].backends[1].connect_timeout=soon must be a number of seconds"]],
     ["two backends of one name, after a malformed one", "routes:\n  - prefix: /\n    backends:\n      - url: nowhere\n      - url: https://a.example\n      - url: https://a.example/other\n", ["routes[0].backends[0].url=nowhere is not a URL", "routes[0].backends[2] is named a.example like another backend"]],
   ];
   for (const [name, text, expected] of badFiles) {
@@ -1469,7 +1527,7 @@ describe("Backend pools", () => {
   };
   afterAll(() => started.forEach((scripted) => scripted.stop()));
 
-  type Member = { backend: ScriptedBackend | string; name?: string; priority?: number; weight?: number; deployments?: string };
+  type Member = { backend: ScriptedBackend | string; name?: string; priority?: number; weight?: number; deployments?: string; connectTimeout?: number };
   /** A route of a routes file: its prefix and its backends (a ScriptedBackend, or a URL where nothing listens). */
   const route = (prefix: string, members: Member[]) =>
     `  - prefix: ${prefix}\n    backends:\n` +
@@ -1477,7 +1535,7 @@ describe("Backend pools", () => {
       .map((member) => {
         const url = typeof member.backend === "string" ? member.backend : member.backend.url;
         const name = member.name ?? (typeof member.backend === "string" ? "dead" : member.backend.name);
-        return `      - url: ${url}\n        name: ${name}\n        priority: ${member.priority ?? 1}\n        weight: ${member.weight ?? 1}\n${member.deployments ? `        deployments: ${member.deployments}\n` : ""}`;
+        return `      - url: ${url}\n        name: ${name}\n        priority: ${member.priority ?? 1}\n        weight: ${member.weight ?? 1}\n${member.deployments ? `        deployments: ${member.deployments}\n` : ""}${member.connectTimeout ? `        connect_timeout: ${member.connectTimeout}\n` : ""}`;
       })
       .join("");
   async function poolProxy(...routes: string[]): Promise<ProxyProcess> {
@@ -1500,6 +1558,10 @@ describe("Backend pools", () => {
       ["cap", { "retry-after": "3600" }, 300_000],
       ["none", {}, 10_000],
       ["unreadable", { "x-ratelimit-reset-tokens": "-1", "retry-after-ms": "soon" }, 10_000],
+      // Unreadable is absent: a blank value, anything but decimal digits; a repeated header is read by its first value.
+      ["blank", { "retry-after-ms": " " }, 10_000],
+      ["hex", { "retry-after-ms": "0x3e8" }, 10_000],
+      ["repeated", { "retry-after": "5, 5" }, 5000],
     ];
     const pools = forms.map(([name, headers]) => ({ name, primary: backend(`${name}-primary`).then({ status: 429, headers }), secondary: backend(`${name}-secondary`) }));
     const proxy = await poolProxy(...pools.map(({ name, primary, secondary }) => route(`/${name}`, [{ backend: primary }, { backend: secondary, priority: 2 }])));
@@ -1685,6 +1747,121 @@ describe("Backend pools", () => {
     expect(proxy.lines.find((line) => line.msg === "auth-proxy started")).toMatchObject({ upstream: primary.url, backends: [primary.url, `${secondary.url}/base`] });
     const line = await proxy.waitForLog((entry) => entry.msg === "request" && entry.path === "/openai/models");
     expect(line).toMatchObject({ backend: `127.0.0.1:${secondary.port}`, attempts: 2 });
+    await proxy.stop();
+  });
+
+  // ---------------------------------------------------------------- under the faults failover exists for
+
+  const timedFetch = async (url: string, init: RequestInit = {}) => {
+    const startedAt = performance.now();
+    const response = await fetch(url, init);
+    const body = await response.text();
+    return { status: response.status, backend: response.headers.get("x-backend"), headers: response.headers, body, ms: performance.now() - startedAt };
+  };
+  const requestLine = (proxy: ProxyProcess, path: string) => proxy.waitForLog((line) => line.msg === "request" && line.path === path);
+
+  test("a backend whose address drops SYNs, or never finishes the TLS handshake, is a connection failure at its connect_timeout: requests sent meanwhile move on too, each within the timeout + the next answer; alone it is a 502", async () => {
+    const dark = await startBlackHole();
+    const silent = await startSilentListener();
+    const secondary = backend("syn-secondary");
+    const proxy = await poolProxy(
+      route("/tls", [{ backend: `https://127.0.0.1:${silent.port}`, name: "silent-tls", connectTimeout: 1 }, { backend: secondary, priority: 2 }]),
+      route("/alone", [{ backend: `http://127.0.0.1:${dark.port}`, name: "dark-alone", connectTimeout: 1 }]),
+      route("/", [{ backend: `http://127.0.0.1:${dark.port}`, name: "dark", connectTimeout: 1 }, { backend: secondary, priority: 2 }]),
+    );
+    const body = randomBytes(2000);
+    const post = (path: string, delayMs = 0) => Bun.sleep(delayMs).then(() => timedFetch(`${proxy.url}${path}`, { method: "POST", body }));
+    const [first, meanwhile, tls] = await Promise.all([post("/openai/first"), post("/openai/meanwhile", 300), post("/tls/x")]);
+    for (const outcome of [first, meanwhile, tls]) {
+      expect(outcome).toMatchObject({ status: 200, backend: "syn-secondary" });
+      expect(outcome.ms).toBeLessThan(1000 + 1500);
+    }
+    expect(secondary.received.map((request) => request.bodySha256)).toEqual([sha256(body), sha256(body), sha256(body)]);
+    expect(await requestLine(proxy, "/openai/first")).toMatchObject({ route: "/", backend: "syn-secondary", attempts: 2, tried: "dark,syn-secondary" });
+    expect(await proxy.waitForLog((line) => line.msg === "backend resting" && line.backend === "dark")).toMatchObject({ reason: "unreachable", rest_ms: 10_000 });
+    // Resting now: the next request goes straight to the secondary.
+    const after = await post("/openai/after");
+    expect(after).toMatchObject({ status: 200, backend: "syn-secondary" });
+    expect(after.ms).toBeLessThan(500);
+    const alone = await post("/alone/x");
+    expect(alone.status).toBe(502);
+    expect(alone.ms).toBeLessThan(1000 + 1500);
+    expect(JSON.parse(alone.body).error).toMatchObject({ code: "upstream_unreachable", message: expect.stringContaining("no connection within 1 s (connect_timeout)") });
+    const { samples } = await scrape(proxy.url);
+    expect(valueOf(samples, "auth_proxy_failovers_total", { route: "/", reason: "unreachable" })).toBe(2);
+    expect(valueOf(samples, "auth_proxy_failovers_total", { route: "/tls", reason: "unreachable" })).toBe(1);
+    expect(valueOf(samples, "auth_proxy_upstream_errors_total", { reason: "connect" })).toBe(4);
+    await proxy.stop();
+    dark.close();
+    silent.close();
+  });
+
+  test("a GET, PUT or DELETE is sent to each backend once however many pooled connections Bun holds: a hang-then-reset upstream gets it once, the client its 502 or the next backend's answer", async () => {
+    const secondary = backend("resend-secondary");
+    const methods = ["GET", "PUT", "DELETE"] as const;
+    const pools = methods.map((method) => route(`/${method.toLowerCase()}`, [{ backend: upstream.url, name: "hanging" }, { backend: secondary, priority: 2 }]));
+    const proxy = await poolProxy(route("/alone", [{ backend: upstream.url, name: "hanging-alone" }]), ...pools);
+    // 40 idle pooled connections to the upstream (POSTs keep theirs).
+    await Promise.all(Array.from({ length: 40 }, () => fetch(`${proxy.url}/alone/test/silent?ms=200`, { method: "POST", body: "{}" }).then((response) => response.text())));
+    const id = randomBytes(4).toString("hex");
+    const sent = (tag: string) => upstream.received.filter((request) => request.target.endsWith(`id=${id}${tag}`)).length;
+    const alone = await timedFetch(`${proxy.url}/alone/test/hang-then-reset?ms=1000&id=${id}alone`);
+    expect(alone.status).toBe(502);
+    expect(alone.ms).toBeLessThan(1000 + 1000);
+    expect(sent("alone")).toBe(1);
+    for (const method of methods) {
+      const pooled = await timedFetch(`${proxy.url}/${method.toLowerCase()}/test/hang-then-reset?ms=1000&id=${id}${method}`, { method, body: method === "PUT" ? "{}" : undefined });
+      expect(pooled, method).toMatchObject({ status: 200, backend: "resend-secondary" });
+      expect(pooled.ms).toBeLessThan(1000 + 1000);
+      expect(sent(method)).toBe(1);
+    }
+    await proxy.stop();
+  });
+
+  test("a POST sent whole that then loses its connection without an answer is not sent again: the client gets 502, the next backend nothing", async () => {
+    const secondary = backend("replay-secondary");
+    const proxy = await poolProxy(route("/", [{ backend: upstream.url, name: "resetting" }, { backend: secondary, priority: 2 }]));
+    const id = randomBytes(4).toString("hex");
+    const response = await timedFetch(`${proxy.url}/test/hang-then-reset?ms=300&id=${id}`, { method: "POST", body: '{"input_file_id":"file-1"}', headers: { "content-type": "application/json" } });
+    expect(response.status).toBe(502);
+    expect(upstream.received.filter((request) => request.target.includes(id))).toHaveLength(1);
+    expect(secondary.received).toHaveLength(0);
+    expect(await requestLine(proxy, `/test/hang-then-reset`)).toMatchObject({ route: "/", backend: "resetting", attempts: 1, status: 502 });
+    // A refused connection, which surely did not act on it, still moves a POST on.
+    const refusedProxy = await poolProxy(route("/", [{ backend: nowhere() }, { backend: secondary, priority: 2 }]));
+    expect(await timedFetch(`${refusedProxy.url}/x`, { method: "POST", body: "{}" })).toMatchObject({ status: 200, backend: "replay-secondary" });
+    await Promise.all([proxy.stop(), refusedProxy.stop()]);
+  });
+
+  test("when no backend answers better, the client gets a 429 among the answers, with its headers; the pool's own answers and 502s name the route, the backends tried and the attempts", async () => {
+    const throttled = backend("first-throttled").then({ status: 429, headers: { "retry-after": "60", "x-ms-region": "eastus" }, body: '{"error":{"code":"429","message":"Rate limit"}}' });
+    const proxy = await poolProxy(route("/gone", [{ backend: nowhere(), name: "gone-a" }, { backend: nowhere(), name: "gone-b", priority: 2 }]), route("/", [{ backend: throttled }, { backend: nowhere(), name: "gone", priority: 2 }]));
+    const answer = await timedFetch(`${proxy.url}/openai/x`, { method: "POST", body: "{}" });
+    expect(answer).toMatchObject({ status: 429, backend: "first-throttled", body: '{"error":{"code":"429","message":"Rate limit"}}' });
+    expect(answer.headers.get("retry-after")).toBe("60");
+    expect(answer.headers.get("x-ms-region")).toBe("eastus");
+    expect(await requestLine(proxy, "/openai/x")).toMatchObject({ route: "/", backend: "first-throttled", attempts: 2, tried: "first-throttled,gone", status: 429 });
+    // Both rest now, the first for 60 s, the other for 10 s: the pool answers for itself, and says when the first of any kind returns.
+    const resting = await timedFetch(`${proxy.url}/openai/y`);
+    expect(resting.status).toBe(429);
+    expect(JSON.parse(resting.body).error.code).toBe("backends_throttled");
+    expect(Number(resting.headers.get("retry-after"))).toBeLessThanOrEqual(10);
+    expect(Number(resting.headers.get("retry-after-ms"))).toBeGreaterThan(8000);
+    expect(await requestLine(proxy, "/openai/y")).toMatchObject({ route: "/", attempts: 0, status: 429 });
+    const failed = await timedFetch(`${proxy.url}/gone/z`);
+    expect(failed.status).toBe(502);
+    expect(await requestLine(proxy, "/gone/z")).toMatchObject({ route: "/gone", backend: "gone-b", attempts: 2, tried: "gone-a,gone-b", status: 502 });
+    await proxy.stop();
+  });
+
+  test("a target holding a fragment is routed by the path before it, never to another route", async () => {
+    const search = backend("fragment-search");
+    const other = backend("fragment-other");
+    const proxy = await poolProxy(route("/search", [{ backend: search }]), route("/", [{ backend: other }]));
+    const response = await rawRequest(proxy.port, "GET /search#x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    expect(response.status).toBe(200);
+    expect(response.body).toContain('"backend":"fragment-search"');
+    expect(other.received).toHaveLength(0);
     await proxy.stop();
   });
 });
@@ -2991,6 +3168,109 @@ describe("Model token usage", () => {
     expect(valueOf(samples, "auth_proxy_model_tokens_total", { type: "output" })).toBe(400);
     await fresh.stop();
   });
+
+  test("only the answer's own top-level usage counts: usage-shaped metadata, message text, tool arguments and nested objects, before or after it, neither hide nor forge it", async () => {
+    const shapes: [string, string][] = [
+      ["metadata-text-after", usage.responseEchoing({ usage: "n/a" })],
+      ["metadata-object-after", usage.responseEchoing({ usage: usage.USAGE_SHAPED, model: "fake" })],
+      ["metadata-object-first", usage.responseEchoing({ usage: usage.USAGE_SHAPED, model: "fake" }, true)],
+    ];
+    for (const [deployment, body] of shapes) {
+      for (const size of [body.length, 7]) {
+        // Whole (held with a Content-Length) and cut into 7-byte writes (relayed, chunked).
+        const headers: Record<string, string | number> = size === body.length ? { "content-type": "application/json", "content-length": body.length } : { "content-type": "application/json" };
+        const before = await tokensOf(deployment, "o4-mini-2025-04-16");
+        const { path } = canned({ headers, parts: usage.piecesOf(body, size) }, deployment);
+        expect(await (await fetch(`${proxy.url}${path}`, { method: "POST", body: "{}" })).text()).toBe(body);
+        expect(minus(await tokensOf(deployment, "o4-mini-2025-04-16"), before), `${deployment} in pieces of ${size}`).toEqual(usage.RESPONSES_TOKENS);
+        expect(await accessLine(path)).toMatchObject({ model: "o4-mini-2025-04-16", input_tokens: 36, output_tokens: 87 });
+      }
+      expect(await tokensOf(deployment, "fake")).toEqual({ input: 0, output: 0, cached_input: 0, reasoning: 0 });
+    }
+    // Streams: a Responses event's `response.usage` counts, its metadata's does not; a chat chunk's top-level usage counts, one nested in a later chunk's delta does not.
+    const created = `event: response.created\ndata: ${JSON.stringify({ type: "response.created", sequence_number: 0, response: { model: "o4-mini-2025-04-16", usage: null, metadata: { usage: usage.USAGE_SHAPED } } })}\n\n`;
+    const nested = `data: ${JSON.stringify({ choices: [{ delta: { tool_calls: [{ function: { arguments: "{}" } }], usage: usage.USAGE_SHAPED }, index: 0 }], model: "gpt-4o-2024-08-06", usage: null })}\n\n`;
+    const streams: [string, string, string, Tokens][] = [
+      ["stream-responses", created + usage.responseEvents().join(""), "o4-mini-2025-04-16", usage.RESPONSES_TOKENS],
+      ["stream-chat", usage.chatStreamEvents().slice(0, -1).join("") + nested + "data: [DONE]\n\n", "gpt-4o-2024-08-06", usage.CHAT_TOKENS],
+    ];
+    for (const [deployment, events, model, expected] of streams) {
+      const { path } = canned({ headers: { "content-type": "text/event-stream" }, parts: usage.piecesOf(events, 64) }, deployment);
+      expect(await (await fetch(`${proxy.url}${path}`, { method: "POST", body: "{}" })).text()).toBe(events);
+      await accessLine(path);
+      expect(await tokensOf(deployment, model), deployment).toEqual(expected);
+    }
+  });
+
+  /** The proxy's peak RSS over `read` (sampled every 5 ms and at every chunk) and the slowest /live answer meanwhile. */
+  async function peakAndLive(target: ProxyProcess, read: (onChunk: () => void) => Promise<void>): Promise<{ peakKiB: number; slowestLiveMs: number }> {
+    const rss = () => memoryKiB(target.proc.pid, "VmRSS");
+    let peakKiB = rss();
+    const sampler = setInterval(() => (peakKiB = Math.max(peakKiB, rss())), 5);
+    let slowestLiveMs = 0;
+    let reading = true;
+    const poller = (async () => {
+      while (reading) {
+        const startedAt = performance.now();
+        await (await fetch(`${target.url}/live`)).text();
+        slowestLiveMs = Math.max(slowestLiveMs, performance.now() - startedAt);
+        await Bun.sleep(20);
+      }
+    })();
+    await read(() => (peakKiB = Math.max(peakKiB, rss())));
+    reading = false;
+    await poller;
+    clearInterval(sampler);
+    return { peakKiB, slowestLiveMs };
+  }
+
+  test('a stream of `"usage":` (or `"model":`) and then 24 MB of blanks costs the RSS of a plain 24 MB stream (within 10 MB) and /live stays under 100 ms', async () => {
+    const fresh = await startProxy(baseEnv());
+    await fresh.waitForHealth();
+    const blanks = Buffer.alloc(1024 * 1024, " ");
+    const stream = async (prefix: string) => {
+      const { path } = canned({ headers: { "content-type": "text/event-stream" }, parts: [prefix, ...Array.from({ length: 24 }, () => blanks), "}\n\n"] }, "blanks");
+      const before = memoryKiB(fresh.proc.pid, "VmRSS");
+      const { peakKiB, slowestLiveMs } = await peakAndLive(fresh, async (onChunk) => {
+        let bytes = 0;
+        for await (const chunk of (await fetch(`${fresh.url}${path}`, { method: "POST", body: "{}" })).body!) {
+          bytes += chunk.byteLength;
+          onChunk();
+        }
+        expect(bytes).toBe(prefix.length + 24 * blanks.length + 3);
+      });
+      return { grewKiB: peakKiB - before, slowestLiveMs };
+    };
+    const plain = await stream("data: {");
+    const usageKey = await stream('data: {"usage":');
+    const modelKey = await stream('data: {"model":');
+    console.log(`24 MB stream: RSS +${(plain.grewKiB / 1024).toFixed(1)} MB plain, +${(usageKey.grewKiB / 1024).toFixed(1)} MB after "usage":, +${(modelKey.grewKiB / 1024).toFixed(1)} MB after "model":; /live at most ${Math.max(plain.slowestLiveMs, usageKey.slowestLiveMs, modelKey.slowestLiveMs).toFixed(0)} ms`);
+    for (const hostile of [usageKey, modelKey]) {
+      expect(hostile.grewKiB - plain.grewKiB).toBeLessThan(10 * 1024);
+      expect(hostile.slowestLiveMs).toBeLessThan(100);
+    }
+    await fresh.stop();
+  }, 60_000);
+
+  test("eight 500-byte br answers that expand to 300 MiB of blanks: the client gets the bytes as sent, RSS stays within 64 MB of idle, /live under 200 ms", async () => {
+    const fresh = await startProxy(baseEnv());
+    await fresh.waitForHealth();
+    const bomb = brotliCompressSync(Buffer.alloc(300 * 1024 * 1024, " "), { params: { [zlibConstants.BROTLI_PARAM_QUALITY]: 5 } });
+    expect(bomb.length).toBeLessThan(1000);
+    const { path } = canned({ headers: { "content-type": "application/json", "content-encoding": "br", "content-length": bomb.length }, parts: [bomb] }, "bomb");
+    await fetch(`${fresh.url}/health`);
+    const idle = memoryKiB(fresh.proc.pid, "VmRSS");
+    const { peakKiB, slowestLiveMs } = await peakAndLive(fresh, async () => {
+      const bodies = await Promise.all(Array.from({ length: 8 }, async () => new Uint8Array(await (await fetch(`${fresh.url}${path}`, { method: "POST", body: "{}", decompress: false } as RequestInit)).arrayBuffer())));
+      for (const body of bodies) expect(sha256(body)).toBe(sha256(bomb));
+      // The exchanges end (and their lines are written) once the decoders are done.
+      for (let index = 0; index < 8; index += 1) await fresh.waitForLog((line) => line.msg === "request" && line.path === path && fresh.lines.filter((other) => other.path === path).length > index, 30_000);
+    });
+    console.log(`8 br bombs: RSS ${(idle / 1024).toFixed(1)} MB idle, peak ${(peakKiB / 1024).toFixed(1)} MB; /live at most ${slowestLiveMs.toFixed(0)} ms`);
+    expect(peakKiB - idle).toBeLessThan(64 * 1024);
+    expect(slowestLiveMs).toBeLessThan(200);
+    await fresh.stop();
+  }, 90_000);
 });
 
 describe("Certificates", () => {
@@ -3190,7 +3470,7 @@ describe("Pure pieces", () => {
   });
 
   test("usageInBody reads usage in place: pretty-printed, escaped, nested and hostile shapes, the last usage and the nearest model", () => {
-    const read = (text: string) => usageInBody(new TextEncoder().encode(text), null);
+    const read = (text: string) => usageInBody(new TextEncoder().encode(text));
     const cases: [string, Usage | undefined][] = [
       ['{\n  "model" : "gpt-4o",\n  "usage" : {\n    "prompt_tokens" : 3 ,\n    "completion_tokens" : 4\n  }\n}', { model: "gpt-4o", tokens: [3, 4, -1, -1] }],
       ['{"model":"a","usage":{"note":"has \\"quotes\\" and {braces}","extra":[1,{"x":[2]}],"prompt_tokens":7,"completion_tokens":0,"prompt_tokens_details":{"audio_tokens":1,"cached_tokens":5}}}', { model: "a", tokens: [7, 0, 5, -1] }],
@@ -3259,11 +3539,11 @@ describe("Pure pieces", () => {
   });
 
   test("parseRoutes fills every default and keeps each backend's path", () => {
-    const { routes, faults } = parseRoutes("routes:\n  - prefix: /search/\n    backends:\n      - url: https://s.search.windows.net/base/\n  - prefix: /\n    strip_prefix: false\n    scope: https://ai.azure.com/.default\n    backends:\n      - { url: 'https://a.example:8443', name: ptu, priority: 2, weight: 3, deployments: { gpt-4o: gpt-4o-eus2 } }\n", OPENAI_SCOPE);
+    const { routes, faults } = parseRoutes("routes:\n  - prefix: /search/\n    backends:\n      - url: https://s.search.windows.net/base/\n  - prefix: /\n    strip_prefix: false\n    scope: https://ai.azure.com/.default\n    backends:\n      - { url: 'https://a.example:8443', name: ptu, priority: 2, weight: 3, deployments: { gpt-4o: gpt-4o-eus2 }, connect_timeout: 2.5 }\n", OPENAI_SCOPE);
     expect(faults).toEqual([]);
     expect(routes).toEqual([
-      { prefix: "/search", stripPrefix: true, scope: OPENAI_SCOPE, backends: [{ url: "https://s.search.windows.net/base", origin: "https://s.search.windows.net", name: "s.search.windows.net", priority: 1, weight: 1, deployments: {} }] },
-      { prefix: "/", stripPrefix: false, scope: "https://ai.azure.com/.default", backends: [{ url: "https://a.example:8443", origin: "https://a.example:8443", name: "ptu", priority: 2, weight: 3, deployments: { "gpt-4o": "gpt-4o-eus2" } }] },
+      { prefix: "/search", stripPrefix: true, scope: OPENAI_SCOPE, backends: [{ url: "https://s.search.windows.net/base", origin: "https://s.search.windows.net", name: "s.search.windows.net", priority: 1, weight: 1, deployments: {}, connectTimeoutMs: 10_000 }] },
+      { prefix: "/", stripPrefix: false, scope: "https://ai.azure.com/.default", backends: [{ url: "https://a.example:8443", origin: "https://a.example:8443", name: "ptu", priority: 2, weight: 3, deployments: { "gpt-4o": "gpt-4o-eus2" }, connectTimeoutMs: 2500 }] },
     ]);
   });
 
@@ -3271,7 +3551,7 @@ describe("Pure pieces", () => {
     const { config } = loadConfig({ AZURE_CLIENT_ID: CLIENT_ID, AZURE_TENANT_ID: "contoso.onmicrosoft.com", AZURE_CERTIFICATE_PATH: "/c.pem", API_BASE_URL: "https://r.openai.azure.com/base/" });
     expect(config).toMatchObject({ routesFile: undefined, host: "0.0.0.0", port: 8080, logLevel: "info", shutdownTimeoutMs: 25000, sendCertificateChain: false });
     expect(config!.routes).toEqual([
-      { prefix: "/", stripPrefix: true, scope: OPENAI_SCOPE, backends: [{ url: "https://r.openai.azure.com/base", origin: "https://r.openai.azure.com", name: "r.openai.azure.com", priority: 1, weight: 1, deployments: {} }] },
+      { prefix: "/", stripPrefix: true, scope: OPENAI_SCOPE, backends: [{ url: "https://r.openai.azure.com/base", origin: "https://r.openai.azure.com", name: "r.openai.azure.com", priority: 1, weight: 1, deployments: {}, connectTimeoutMs: 10_000 }] },
     ]);
   });
 
@@ -3356,6 +3636,25 @@ describe("Forwarding without timeouts", () => {
     expect(connections.filter(({ response }) => response.includes('{"late":true}'))).toHaveLength(2);
     expect(connections.filter(({ response }) => response.startsWith("HTTP/1.1 502"))).toHaveLength(2);
   }, KEEP_ALIVE_WAIT_MS + 60_000);
+
+  test(`uploads that stall while a pool holds their bodies never take failover from others, and are closed with 408 after ${KEEP_ALIVE_IDLE_SECONDS} s, their hold released`, async () => {
+    const { ordinary, heldWhileStalled, heldAfter, uploads, lines } = await stalledUploads;
+    // Bytes received count, not bytes announced; bodies still arriving hold at most half the 64 MiB budget.
+    expect(ordinary).toEqual({ status: 200, backend: "stall-secondary" });
+    expect(heldWhileStalled).toBeGreaterThanOrEqual(16);
+    expect(heldWhileStalled).toBeLessThanOrEqual(32 * 1024 * 1024);
+    const closed = uploads.filter(({ response }) => response.startsWith("HTTP/1.1 408"));
+    // Every one-byte upload was held, and so were the 3 MiB ones the budget took (the others stream on to one backend).
+    expect(closed.filter(({ sent }) => sent === 1)).toHaveLength(16);
+    expect(closed.length).toBeGreaterThanOrEqual(16 + 10);
+    for (const { response, closedAfterMs } of closed) {
+      expect(response).toContain('"code":"request_body_stalled"');
+      expect(closedAfterMs).toBeGreaterThan((KEEP_ALIVE_IDLE_SECONDS - 1) * 1000);
+      expect(closedAfterMs).toBeLessThan((KEEP_ALIVE_IDLE_SECONDS + 10) * 1000);
+    }
+    expect(heldAfter).toBe(0);
+    expect(lines.filter((line) => line.msg === "request" && line.status === 408)).toHaveLength(closed.length);
+  }, STALLED_UPLOAD_WAIT_MS + 60_000);
 
   test(`a WebSocket session silent for ${SILENT_SESSION_MS / 1000} s stays open and relays again`, async () => {
     expect(await silentSession).toBe("after the silence");

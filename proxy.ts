@@ -352,6 +352,7 @@ const SETTINGS = {
   callerKeysFile: { env: "PROXY_API_KEYS_FILE" },
   adminPort: { env: "ADMIN_PORT", flag: "--admin-port" },
   adminHost: { env: "ADMIN_HOST", flag: "--admin-host", fallback: "0.0.0.0" },
+  connectTimeout: { env: "AUTH_PROXY_CONNECT_TIMEOUT", fallback: "10" },
 } as const satisfies Record<string, { env: string; alias?: string; flag?: string; fallback?: string }>;
 
 type SettingName = keyof typeof SETTINGS;
@@ -505,12 +506,14 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
   if (!isDefaultScope(raw.scope.value)) {
     errors.push(`${raw.scope.source}=${raw.scope.value} must be one resource's /.default scope (client credentials cannot ask for individual permissions), e.g. https://cognitiveservices.azure.com/.default`);
   }
+  const connectTimeoutMs = connectTimeout(raw.connectTimeout.value, raw.connectTimeout.source, errors) ?? DEFAULT_CONNECT_TIMEOUT_MS;
   let routes: RouteConfig[] = [];
   if (raw.routesFile.value && raw.apiBaseUrl.value) {
     errors.push(`set ${raw.apiBaseUrl.source} or ${raw.routesFile.source}, not both: the routes file names every backend`);
   } else if (raw.routesFile.value) {
-    routes = readRoutesFile(raw.routesFile, raw.scope.value!, errors);
+    routes = readRoutesFile(raw.routesFile, raw.scope.value!, connectTimeoutMs, errors);
   } else if (apiBases) {
+    for (const backend of apiBases) backend.connectTimeoutMs = connectTimeoutMs;
     routes = [{ prefix: "/", stripPrefix: true, scope: raw.scope.value!, backends: apiBases }];
   }
 
@@ -634,6 +637,8 @@ export interface BackendConfig {
   weight: number;
   /** `/openai/deployments/<from>/` renamed `<to>` for this backend. */
   deployments: Record<string, string>;
+  /** A connect (TCP and TLS) not done within this is a connection failure: `connect_timeout`, else AUTH_PROXY_CONNECT_TIMEOUT (10 s). */
+  connectTimeoutMs: number;
 }
 
 export interface RouteConfig {
@@ -648,16 +653,32 @@ export interface RouteConfig {
 const ROUTE_KEYS = ["prefix", "scope", "strip_prefix", "backends"];
 /** A request's tried backends are a bit mask. */
 export const MAX_BACKENDS = 32;
-const BACKEND_KEYS = ["url", "name", "priority", "weight", "deployments"];
+const BACKEND_KEYS = ["url", "name", "priority", "weight", "deployments", "connect_timeout"];
+/**
+ * The kernel retries an unanswered SYN for about two minutes
+ * (tcp_syn_retries=6) and Bun's fetch sets no bound of its own: a
+ * black-holed region would hold every request that long.
+ */
+export const DEFAULT_CONNECT_TIMEOUT_MS = 10 * SECOND;
+/** Longer than the kernel would wait anyway. */
+const MAX_CONNECT_TIMEOUT_S = 120;
+
+/** A connect timeout in seconds (a fraction allowed) as milliseconds; undefined, with the fault, when it is none. */
+function connectTimeout(value: unknown, place: string, faults: string[]): number | undefined {
+  const seconds = typeof value === "string" && /^\d+(\.\d+)?$/.test(value) ? Number(value) : value;
+  if (typeof seconds === "number" && seconds > 0 && seconds <= MAX_CONNECT_TIMEOUT_S) return Math.round(seconds * SECOND);
+  faults.push(`${place}=${value} must be a number of seconds above 0 and at most ${MAX_CONNECT_TIMEOUT_S}`);
+  return undefined;
+}
 /** Backend names are label values: the characters of an Azure deployment name, at most 64. */
 const LABEL_VALUE = /^[A-Za-z0-9._-]{1,64}$/;
 
-/** Client credentials can ask only for one resource's `/.default` scope. */
+/** Client credentials can ask only for one resource's `/.default` scope: the resource's URI (`https://search.azure.com`, `api://<app id>`) before it. */
 function isDefaultScope(scope: string | undefined): boolean {
-  return scope !== undefined && scope.endsWith("/.default") && !/\s/.test(scope);
+  return scope !== undefined && /^[^\s/][^\s]*\/\.default$/.test(scope);
 }
 
-export function backendConfig(url: URL, name: string | undefined, options: Partial<Pick<BackendConfig, "priority" | "weight" | "deployments">> = {}): BackendConfig {
+export function backendConfig(url: URL, name: string | undefined, options: Partial<Pick<BackendConfig, "priority" | "weight" | "deployments" | "connectTimeoutMs">> = {}): BackendConfig {
   return {
     url: url.origin + url.pathname.replace(/\/+$/, ""),
     origin: url.origin,
@@ -665,11 +686,12 @@ export function backendConfig(url: URL, name: string | undefined, options: Parti
     priority: options.priority ?? 1,
     weight: options.weight ?? 1,
     deployments: options.deployments ?? {},
+    connectTimeoutMs: options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS,
   };
 }
 
 /** The routes file read once at start: every fault reported, each naming the file and the place (`routes[1].backends[0].url`). */
-function readRoutesFile(file: RawSetting, defaultScope: string, errors: string[]): RouteConfig[] {
+function readRoutesFile(file: RawSetting, defaultScope: string, defaultConnectTimeoutMs: number, errors: string[]): RouteConfig[] {
   let text: string;
   try {
     text = readFileSync(file.value!, "utf8");
@@ -677,7 +699,7 @@ function readRoutesFile(file: RawSetting, defaultScope: string, errors: string[]
     errors.push(`${file.source}=${file.value} cannot be read (${(error as NodeJS.ErrnoException).code ?? errorMessage(error)})`);
     return [];
   }
-  const { routes, faults } = parseRoutes(text, defaultScope);
+  const { routes, faults } = parseRoutes(text, defaultScope, defaultConnectTimeoutMs);
   for (const fault of faults) errors.push(`${file.source}=${file.value}: ${fault}`);
   return routes;
 }
@@ -686,7 +708,7 @@ type Mapping = Record<string, unknown>;
 const isMapping = (value: unknown): value is Mapping => typeof value === "object" && value !== null && !Array.isArray(value);
 
 /** Routes from a YAML or JSON text (YAML is a superset of JSON; Bun parses it natively), and every fault found, by place. */
-export function parseRoutes(text: string, defaultScope: string): { routes: RouteConfig[]; faults: string[] } {
+export function parseRoutes(text: string, defaultScope: string, defaultConnectTimeoutMs = DEFAULT_CONNECT_TIMEOUT_MS): { routes: RouteConfig[]; faults: string[] } {
   const faults: string[] = [];
   let document: unknown;
   try {
@@ -717,7 +739,7 @@ export function parseRoutes(text: string, defaultScope: string): { routes: Route
     if (!Array.isArray(entry.backends) || entry.backends.length === 0 || entry.backends.length > MAX_BACKENDS) {
       return void faults.push(`${place}.backends must list one to ${MAX_BACKENDS} backends (- url: https://...)`);
     }
-    const backends = entry.backends.map((backend: unknown, backendIndex: number) => parseBackend(backend, `${place}.backends[${backendIndex}]`, faults));
+    const backends = entry.backends.map((backend: unknown, backendIndex: number) => parseBackend(backend, `${place}.backends[${backendIndex}]`, defaultConnectTimeoutMs, faults));
     // The place named is the backend's own in the file, whether or not an earlier one was malformed.
     const names = new Set<string>();
     for (const [backendIndex, backend] of backends.entries()) {
@@ -744,14 +766,15 @@ function routePrefix(value: unknown, place: string, faults: string[]): string | 
     faults.push(`${place} must be a path starting with /, e.g. /search (or / for every other path)`);
     return undefined;
   }
-  if (/[\s?#%\\]|\/\/|(^|\/)\.\.?(\/|$)/.test(value)) {
-    faults.push(`${place} ${value} must be plain path segments (no query, percent-encoding, backslash, empty or dot segment)`);
+  // Only characters a client sends as they are: a prefix holding one it must percent-encode (`/café`, `/a"b`) would never match.
+  if (!/^[A-Za-z0-9._~!$&()*+,;=:@\/-]+$/.test(value) || /\/\/|(^|\/)\.\.?(\/|$)/.test(value)) {
+    faults.push(`${place} ${value} must be plain path segments: letters, digits and - . _ ~ ! $ & ( ) * + , ; = : @ (no query, percent-encoding, space, quote, non-ASCII letter, backslash, empty or dot segment)`);
     return undefined;
   }
   return value.length > 1 ? value.replace(/\/$/, "") : value;
 }
 
-function parseBackend(entry: unknown, place: string, faults: string[]): BackendConfig | undefined {
+function parseBackend(entry: unknown, place: string, defaultConnectTimeoutMs: number, faults: string[]): BackendConfig | undefined {
   if (!isMapping(entry)) {
     faults.push(`${place} must be a mapping with url`);
     return undefined;
@@ -772,8 +795,9 @@ function parseBackend(entry: unknown, place: string, faults: string[]): BackendC
   const deployments = entry.deployments ?? {};
   const renames = isMapping(deployments) && Object.entries(deployments).every(([from, to]) => LABEL_VALUE.test(from) && typeof to === "string" && LABEL_VALUE.test(to));
   if (!renames) faults.push(`${place}.deployments must map deployment names to deployment names, e.g. { gpt-4o: gpt-4o-eastus2 }`);
-  if (url === undefined || priority === undefined || weight === undefined || !renames || (name !== undefined && typeof name !== "string")) return undefined;
-  return backendConfig(url, name as string | undefined, { priority, weight, deployments: deployments as Record<string, string> });
+  const connectTimeoutMs = entry.connect_timeout === undefined ? defaultConnectTimeoutMs : connectTimeout(entry.connect_timeout, `${place}.connect_timeout`, faults);
+  if (url === undefined || priority === undefined || weight === undefined || !renames || connectTimeoutMs === undefined || (name !== undefined && typeof name !== "string")) return undefined;
+  return backendConfig(url, name as string | undefined, { priority, weight, deployments: deployments as Record<string, string>, connectTimeoutMs });
 }
 
 // ---------------------------------------------------------------- credential (certificate mode)
@@ -1975,6 +1999,14 @@ export interface Backend {
   deployments: Map<string, string> | undefined;
   /** Its answers by status, for /metrics. */
   codes: Map<number, number>;
+  /** A connect not done within this is a connection failure. */
+  connectTimeoutMs: number;
+  /** Where a connect check goes: the backend, or the outbound proxy its requests take. */
+  connectAddress: ConnectAddress;
+  /** Date.now() of its last answer or connect check that connected. */
+  reachedAt: number;
+  /** The connect check under way, which every request to it waits on meanwhile. */
+  connectCheck: Promise<ConnectCheck> | undefined;
 }
 
 /**
@@ -2012,6 +2044,10 @@ export function buildRoutes(config: Pick<Config, "routes" | "routesFile">, ident
           serverErrors: 0,
           deployments: Object.keys(backend.deployments).length === 0 ? undefined : new Map(Object.entries(backend.deployments)),
           codes: new Map(),
+          connectTimeoutMs: backend.connectTimeoutMs,
+          connectAddress: connectAddress(backend.url, outboundProxyFor(backend.url, env)),
+          reachedAt: 0,
+          connectCheck: undefined,
         })),
         metrics,
         named,
@@ -2022,13 +2058,19 @@ export function buildRoutes(config: Pick<Config, "routes" | "routesFile">, ident
     .sort((a, b) => b.match.length - a.match.length);
 }
 
-/** The longest prefix that matches the target on a segment boundary (`/search` takes `/search` and `/search/x`, never `/searching`). */
+/**
+ * The longest prefix that matches the target on a segment boundary
+ * (`/search` takes `/search` and `/search/x`, never `/searching`). A
+ * fragment has no place in a request target (RFC 9112 section 3.2) and
+ * fetch drops it: a target holding one is routed by the path before it,
+ * never to another route's backends with that route's token.
+ */
 export function matchRoute<R extends Pick<Route, "match">>(routes: R[], target: string): R | undefined {
   for (const route of routes) {
     const end = route.match.length;
     if (!target.startsWith(route.match)) continue;
     const next = target.charCodeAt(end);
-    if (end === target.length || next === 47 /* "/" */ || next === 63 /* "?" */) return route;
+    if (end === target.length || next === 47 /* "/" */ || next === 63 /* "?" */ || next === 35 /* "#" */) return route;
   }
   return undefined;
 }
@@ -2048,7 +2090,15 @@ const SERVER_ERRORS_BEFORE_REST = 3;
  */
 export const MAX_REPLAY_BODY_BYTES = 4 * 1024 * 1024;
 export const MAX_HELD_BODY_BYTES = 64 * 1024 * 1024;
+/**
+ * Bodies still arriving hold at most half of it, so uploads that stall (16
+ * announcing 4 MiB and sending a byte took the whole budget, measured) never
+ * take failover from requests whose bodies have arrived.
+ */
+const MAX_ARRIVING_BODY_BYTES = MAX_HELD_BODY_BYTES / 2;
+/** Bytes received of the request bodies held now, and the part of them whose bodies are still arriving. */
 let heldBodyBytes = 0;
+let arrivingBodyBytes = 0;
 
 /**
  * The backend for a request's next attempt: among those serving and not yet
@@ -2086,12 +2136,31 @@ export function failoverReason(status: number): FailoverReason | undefined {
  * as absent.
  */
 export function throttleRestMs(headers: Headers, nowMs: number): number {
-  const retryAfterMs = nonNegative(Number(headers.get("retry-after-ms") ?? Number.NaN));
-  const retryAfter = headers.get("retry-after");
-  const fromRetryAfter = retryAfter === null ? undefined : /^\d+$/.test(retryAfter.trim()) ? Number(retryAfter) * SECOND : nonNegative(Date.parse(retryAfter) - nowMs);
-  const resets = [headers.get("x-ratelimit-reset-requests"), headers.get("x-ratelimit-reset-tokens")].map((value) => (value === null ? undefined : openAiDuration(value)));
+  const retryAfterMs = firstValue(headers.get("retry-after-ms"));
+  const fromRetryAfterMs = retryAfterMs !== undefined && /^\d+$/.test(retryAfterMs) ? Number(retryAfterMs) : undefined;
+  const resets = [headers.get("x-ratelimit-reset-requests"), headers.get("x-ratelimit-reset-tokens")].map((value) => {
+    const first = firstValue(value);
+    return first === undefined ? undefined : openAiDuration(first);
+  });
   const fromResets = resets.some((value) => value !== undefined) ? Math.max(...resets.map((value) => value ?? 0)) : undefined;
-  return Math.min(retryAfterMs ?? fromRetryAfter ?? fromResets ?? DEFAULT_REST_MS, MAX_REST_MS);
+  return Math.min(fromRetryAfterMs ?? retryAfterDelay(headers.get("retry-after"), nowMs) ?? fromResets ?? DEFAULT_REST_MS, MAX_REST_MS);
+}
+
+/** A header's first value (a repeated header arrives joined by `, `, RFC 9110 section 5.3); undefined when absent or blank. */
+function firstValue(value: string | null): string | undefined {
+  if (value === null) return undefined;
+  const comma = value.indexOf(",");
+  const first = (comma === -1 ? value : value.slice(0, comma)).trim();
+  return first === "" ? undefined : first;
+}
+
+/** Retry-After as whole seconds or an HTTP date (whose own comma, `Wed, 21 Oct ...`, ends at its `GMT`), by its first value. */
+function retryAfterDelay(value: string | null, nowMs: number): number | undefined {
+  const first = firstValue(value);
+  if (first === undefined) return undefined;
+  if (/^\d+$/.test(first)) return Number(first) * SECOND;
+  const gmt = value!.indexOf("GMT");
+  return nonNegative(Date.parse(gmt === -1 ? value! : value!.slice(0, gmt + 3)) - nowMs);
 }
 
 function nonNegative(value: number): number | undefined {
@@ -2116,6 +2185,7 @@ export function openAiDuration(text: string): number | undefined {
  * answers pass through as they would without a pool.
  */
 function noteBackendAnswer(route: Route, backend: Backend, status: number | undefined, headers: Headers | undefined, nowMs: number): void {
+  if (status !== undefined) backend.reachedAt = nowMs;
   // API_BASE_URL's one backend is the request series itself: counting it again would only cost.
   if (status !== undefined && (route.pooled || route.named)) backend.codes.set(status, (backend.codes.get(status) ?? 0) + 1);
   if (!route.pooled) return;
@@ -2145,6 +2215,81 @@ function rest(route: Route, backend: Backend, reason: FailoverReason, ms: number
   if (starts) log("warn", "backend resting", { route: route.prefix, backend: backend.name, reason, rest_ms: Math.round(ms) });
 }
 
+/** Where a connect check connects: the backend's host and port (with its TLS handshake), or the outbound proxy's. */
+export interface ConnectAddress {
+  hostname: string;
+  port: number;
+  tls: boolean;
+}
+
+export type ConnectCheck = "connected" | "timed_out" | "failed";
+
+/**
+ * A backend heard from within this long is taken as reachable; a request to
+ * one that was not (new, idle, or gone dark) goes out while a connect check
+ * runs beside it, and moves on if the check has not connected within the
+ * backend's connect_timeout. Bun's fetch has no connect timeout and does
+ * not say when its connection is made, so this is how a SYN-dropping
+ * address is told from a model that thinks for minutes: under steady
+ * traffic no check runs and the hot path pays one comparison.
+ */
+const REACHED_RECENTLY_MS = 5 * SECOND;
+
+export function connectAddress(url: string, outboundProxy: string | undefined): ConnectAddress {
+  const target = new URL(outboundProxy ?? url);
+  const https = target.protocol === "https:";
+  return { hostname: target.hostname.replace(/^\[|\]$/g, ""), port: Number(target.port) || (https ? 443 : 80), tls: https && outboundProxy === undefined };
+}
+
+/** The backend's connect check: one at a time, which every request sent to it meanwhile waits on. */
+function checkConnect(backend: Backend): Promise<ConnectCheck> {
+  if (backend.connectCheck !== undefined) return backend.connectCheck;
+  const check = connectWithin(backend.connectAddress, backend.connectTimeoutMs).then((result) => {
+    backend.connectCheck = undefined;
+    if (result === "connected") backend.reachedAt = Date.now();
+    return result;
+  });
+  return (backend.connectCheck = check);
+}
+
+/**
+ * Opens a connection to the address (and its TLS handshake, where the
+ * backend speaks TLS: a middlebox that stalls it is as dark as a dropped
+ * SYN), then closes it: whether that was done within `timeoutMs`. The
+ * certificate is not judged here; fetch judges it on its own connection.
+ */
+export function connectWithin(address: ConnectAddress, timeoutMs: number): Promise<ConnectCheck> {
+  return new Promise((resolve) => {
+    const settle = (result: ConnectCheck) => {
+      clearTimeout(timer);
+      resolve(result);
+    };
+    const timer = setTimeout(settle, timeoutMs, "timed_out");
+    const connected = (socket: import("bun").Socket) => {
+      settle("connected");
+      socket.end();
+    };
+    Bun.connect({
+      hostname: address.hostname,
+      port: address.port,
+      tls: address.tls ? { serverName: address.hostname, rejectUnauthorized: false } : undefined,
+      socket: {
+        open: (socket) => void (address.tls ? undefined : connected(socket)),
+        handshake: (socket) => connected(socket),
+        data: () => {},
+        connectError: () => settle("failed"),
+        error: () => settle("failed"),
+        close: () => settle("failed"),
+      },
+    }).catch(() => settle("failed"));
+  });
+}
+
+/** A connect not done within the backend's connect_timeout: a connection failure, as a refused one is. */
+function connectTimedOut(backend: Backend): Error {
+  return Object.assign(new Error(`no connection within ${backend.connectTimeoutMs / SECOND} s (connect_timeout)`), { code: "ConnectionTimeout" });
+}
+
 /** The path as this backend gets it: `/openai/deployments/<from>/` renamed `<to>` where its `deployments` say so. */
 function backendPath(backend: Backend, path: string): string {
   if (backend.deployments === undefined || !path.startsWith(DEPLOYMENT_PREFIX)) return path;
@@ -2156,13 +2301,15 @@ function backendPath(backend: Backend, path: string): string {
 
 /**
  * Every backend of the route rests, so nothing is forwarded: 429
- * `backends_throttled` while a throttled one is among them, saying when the
- * first of those returns (Retry-After in whole seconds, rounded up, and
- * `retry-after-ms` as Azure writes it), else 503 `backends_unavailable`.
+ * `backends_throttled` while a throttled one is among them, else 503
+ * `backends_unavailable`, each saying when the first backend, of any kind,
+ * returns (Retry-After in whole seconds, rounded up, and `retry-after-ms`
+ * as Azure writes it): a client told to wait for the throttled one would
+ * wait past an unreachable one that came back.
  */
 function restingAnswer(route: Route, nowMs: number): Response {
   const throttled = route.backends.filter((backend) => backend.restReason === "throttled" && backend.restsUntil > nowMs);
-  const returns = Math.min(...(throttled.length > 0 ? throttled : route.backends).map((backend) => backend.restsUntil)) - nowMs;
+  const returns = Math.min(...route.backends.map((backend) => backend.restsUntil)) - nowMs;
   const headers = { "retry-after": String(Math.max(1, Math.ceil(returns / SECOND))), "retry-after-ms": String(Math.max(0, Math.ceil(returns))) };
   return throttled.length > 0
     ? proxyError(429, "backends_throttled", `every backend of route ${route.prefix} is throttled; the first returns in ${headers["retry-after"]} s`, headers)
@@ -2202,90 +2349,240 @@ const MAX_TOKENS_AN_ANSWER = 100_000_000;
 const MAX_USAGE_OBJECT_BYTES = 4096;
 /** A model name is at most 128 characters; a value longer than this is not waited for. */
 const MAX_MODEL_VALUE_BYTES = 130;
-const USAGE_KEY = asciiBytes('"usage"');
-const MODEL_KEY = asciiBytes('"model"');
-/** Decoded bytes scanned from one compressed body at most: a decompression bomb costs CPU up to here, memory never. */
+/** The longest key the scan looks for (`response`): a longer key is not carried. */
+const MAX_KEY_BYTES = 8;
+/** Decoded bytes scanned from one compressed body at most: a decompression bomb costs CPU up to here (yielding between chunks), memory never. */
 const MAX_DECODED_BYTES = 256 * 1024 * 1024;
+/**
+ * Nor more than this many times its compressed bytes (plus a MiB): JSON and
+ * SSE answers compress 3-20 times, a bomb a million times (500 bytes of br
+ * are 300 MiB of blanks), and decoding one to the end cost 0.6 s of CPU.
+ */
+const MAX_DECODED_RATIO = 1000;
+const DECODED_ALLOWANCE_BYTES = 1024 * 1024;
 
+/** What the value after a key that counts is: nothing to read, the usage, the model, or the `response` object whose own keys count. */
+const NO_FIELD = 0;
+const USAGE_FIELD = 1;
+const MODEL_FIELD = 2;
+const RESPONSE_FIELD = 3;
+/** What the string being read is: plain (skipped), a key that may count, or the model's value. */
+const PLAIN_STRING = 0;
+const KEY_STRING = 1;
+const MODEL_STRING = 2;
 
-
-/** The scan of one relayed body: what was found so far, and the bytes carried into the next chunk. */
+/**
+ * The scan of one answer (or of an SSE stream, event after event): the JSON
+ * structure as far as the usage needs it, what was found, and at most a few
+ * KiB carried into the next chunk (a key, a model value or a usage object
+ * cut by the chunk's end), whatever the bytes. Only the answer's own
+ * top-level `usage` and `model` count, and in a Responses stream event or a
+ * Realtime event, those of its `response` object: a usage-shaped key in
+ * `metadata`, a message or tool arguments is nested deeper (or inside a
+ * string), and is never read.
+ */
 export interface UsageScan {
   model: string;
   usage: Usage["tokens"] | undefined;
+  /** Server-sent events: between events (depth 0) only `{` matters, as `data:`, `event:` and `[DONE]` are not JSON values. */
+  events: boolean;
+  /** Nesting depth at the scan's position; 0 between events. */
+  depth: number;
+  /** The top-level value is an object: its keys (depth 1) count. */
+  topIsObject: boolean;
+  /** The depth of the top-level `response` object's keys while inside it, else 0. */
+  responseDepth: number;
+  inString: boolean;
+  /** The chunk ended inside a string on an unpaired backslash: the next byte is escaped. */
+  escaped: boolean;
+  /** The next string at a depth whose keys count is a key. */
+  expectKey: boolean;
+  field: number;
+  reading: number;
+  /** The depth a usage object opened at while it is read, else -1. */
+  usageDepth: number;
+  /** The start of the key, model value or usage object being read, cut by an earlier chunk's end. */
   carried: Uint8Array | undefined;
   /** A gzip, deflate or br body is decoded on a copy, its output scanned. */
   decoder: import("node:zlib").Gunzip | undefined;
+  encodedBytes: number;
   decodedBytes: number;
 }
 
-export function newUsageScan(): UsageScan {
-  return { model: "", usage: undefined, carried: undefined, decoder: undefined, decodedBytes: 0 };
+export function newUsageScan(events = false): UsageScan {
+  return startUsageScan({} as UsageScan, events);
 }
 
-/** Where `key` (quotes included) begins at or after `from`, or -1: a native search for its first letter, then a check. */
-function keyAt(bytes: Uint8Array, key: Uint8Array, from: number): number {
-  for (let at = bytes.indexOf(key[1]!, from + 1); at !== -1; at = bytes.indexOf(key[1]!, at + 1)) {
-    if (bytes[at - 1] === 34 /* '"' */ && keyFollows(bytes, at - 1, key)) return at - 1;
-  }
-  return -1;
-}
-
-/** Where the last `key` beginning before `before` begins, or -1. */
-function lastKeyAt(bytes: Uint8Array, key: Uint8Array, before: number): number {
-  for (let at = before > 1 ? bytes.lastIndexOf(key[1]!, before) : -1; at > 0; at = bytes.lastIndexOf(key[1]!, at - 1)) {
-    if (bytes[at - 1] === 34 && keyFollows(bytes, at - 1, key)) return at - 1;
-  }
-  return -1;
-}
-
-function keyFollows(bytes: Uint8Array, at: number, key: Uint8Array): boolean {
-  for (let index = 2; index < key.length; index += 1) if (bytes[at + index] !== key[index]) return false;
-  return true;
-}
-
-/** Where the value after a key starts (past `:` and blanks); -1 when the bytes end first, -2 when no colon follows (not a key). */
-function valueStart(bytes: Uint8Array, index: number): number {
-  let colon = false;
-  for (; index < bytes.length; index += 1) {
-    const byte = bytes[index]!;
-    if (byte === 58 /* ":" */ && !colon) colon = true;
-    else if (byte !== 32 && byte !== 9 && byte !== 10 && byte !== 13) return colon ? index : -2;
-  }
-  return -1;
-}
-
-/** Past the object's closing brace, strings respected; -1 when the bytes end first, -2 when it is too long to be a usage. */
-function objectEnd(bytes: Uint8Array, start: number): number {
-  let depth = 0;
-  let inString = false;
-  const stop = Math.min(bytes.length, start + MAX_USAGE_OBJECT_BYTES);
-  for (let index = start; index < stop; index += 1) {
-    const byte = bytes[index]!;
-    if (inString) {
-      if (byte === 92 /* "\" */) index += 1;
-      else if (byte === 34) inString = false;
-    } else if (byte === 34) inString = true;
-    else if (byte === 123 /* "{" */) depth += 1;
-    else if (byte === 125 /* "}" */ && --depth === 0) return index + 1;
-  }
-  return stop === bytes.length ? -1 : -2;
+/** The scan set to an answer's start (the same fields in the same order every time, one shape for the engine). */
+function startUsageScan(scan: UsageScan, events: boolean): UsageScan {
+  scan.model = "";
+  scan.usage = undefined;
+  scan.events = events;
+  scan.depth = 0;
+  scan.topIsObject = false;
+  scan.responseDepth = 0;
+  scan.inString = false;
+  scan.escaped = false;
+  scan.expectKey = false;
+  scan.field = NO_FIELD;
+  scan.reading = PLAIN_STRING;
+  scan.usageDepth = -1;
+  scan.carried = undefined;
+  scan.decoder = undefined;
+  scan.encodedBytes = 0;
+  scan.decodedBytes = 0;
+  return scan;
 }
 
 /**
- * The usage after the key at `key`, in every shape: chat completions,
- * completions and embeddings (`prompt_tokens`, `completion_tokens`,
- * `*_tokens_details`), the Responses API (`input_tokens`, `output_tokens`,
- * `*_tokens_details`) and Realtime (`input_token_details`). Its tokens;
- * null when it is none (`null`, not an object, not believable); undefined
- * when the bytes end first.
+ * The next bytes of an answer. Strings are crossed with a native search for
+ * their closing quote; only the bytes between strings are looked at one by
+ * one, for the structure. What is read (the usage object, the model value)
+ * is decoded in place by readUsageObject, without a string or a parse.
  */
-function usageAt(bytes: Uint8Array, key: number): Usage["tokens"] | null | undefined {
-  const start = valueStart(bytes, key + USAGE_KEY.length);
-  if (start === -1) return undefined;
-  if (start < 0 || bytes[start] !== 123 /* "{" */) return null;
-  const end = objectEnd(bytes, start);
-  if (end < 0) return end === -1 ? undefined : null;
+export function scanUsageBytes(scan: UsageScan, bytes: Uint8Array): void {
+  const end = bytes.length;
+  let { depth, inString, expectKey, field } = scan;
+  let at = 0;
+  /** Where what is being read starts in this chunk (an earlier part is carried). */
+  let from = 0;
+  if (scan.escaped && end > 0) {
+    scan.escaped = false;
+    at = 1;
+  }
+  while (at < end) {
+    if (inString) {
+      const quote = closingQuoteCandidate(bytes, at, end);
+      if (quote === -1) {
+        scan.escaped = (end - backslashRunStart(bytes, end, at)) % 2 === 1;
+        at = end;
+        break;
+      }
+      if ((quote - backslashRunStart(bytes, quote, at)) % 2 === 1) {
+        at = quote + 1;
+        continue;
+      }
+      inString = false;
+      at = quote + 1;
+      if (scan.reading === PLAIN_STRING) continue;
+      const carried = scan.carried !== undefined;
+      const value = carried ? readSpan(scan, bytes, from, quote) : bytes;
+      const [start, stop] = carried ? [0, value.length] : [from, quote];
+      if (scan.reading === KEY_STRING) field = keyField(value, start, stop, depth);
+      else if (scan.model === "") scan.model = modelName(value, start, stop) ?? "";
+      scan.reading = PLAIN_STRING;
+      scan.carried = undefined;
+      continue;
+    }
+    const byte = bytes[at]!;
+    if (byte === 34) {
+      if (depth > 0 || !scan.events) {
+        inString = true;
+        if (expectKey && ((depth === 1 && scan.topIsObject) || depth === scan.responseDepth)) scan.reading = KEY_STRING;
+        else if (field === MODEL_FIELD) scan.reading = MODEL_STRING;
+        if (scan.reading !== PLAIN_STRING) from = at + 1;
+        expectKey = false;
+        field = NO_FIELD;
+      }
+    } else if (byte === 123 /* "{" */ || byte === 91 /* "[" */) {
+      if (depth === 0) {
+        scan.topIsObject = byte === 123;
+        scan.responseDepth = 0;
+      } else if (byte === 123 && field === USAGE_FIELD) {
+        scan.usageDepth = depth;
+        from = at;
+      } else if (byte === 123 && field === RESPONSE_FIELD) {
+        scan.responseDepth = depth + 1;
+      }
+      depth += 1;
+      expectKey = byte === 123;
+      field = NO_FIELD;
+    } else if (byte === 125 /* "}" */ || byte === 93 /* "]" */) {
+      if (depth > 0) {
+        depth -= 1;
+        if (depth === scan.usageDepth) {
+          const usage = scan.carried === undefined ? usageTokens(bytes, from, at + 1) : usageTokens(readSpan(scan, bytes, from, at + 1), 0, -1);
+          if (usage !== null) scan.usage = usage;
+          scan.usageDepth = -1;
+          scan.carried = undefined;
+        }
+        if (depth < scan.responseDepth) scan.responseDepth = 0;
+      }
+      expectKey = false;
+      field = NO_FIELD;
+    } else if (byte === 44 /* "," */) {
+      expectKey = true;
+      field = NO_FIELD;
+    } else if (byte !== 58 /* ":" */ && byte > 32 && field !== NO_FIELD) {
+      // A number or a literal (`"usage":null` until a chat stream's last chunk): nothing to read.
+      field = NO_FIELD;
+    }
+    at += 1;
+  }
+  scan.depth = depth;
+  scan.inString = inString;
+  scan.expectKey = expectKey;
+  scan.field = field;
+  if (scan.reading !== PLAIN_STRING || scan.usageDepth !== -1) carry(scan, bytes, from);
+}
+
+/**
+ * The next `"` at or after `at`, or -1. Keys and most values are short: a
+ * look at their first bytes in JavaScript is cheaper than a call to the
+ * native search, which crosses the long ones (message content) at once.
+ */
+function closingQuoteCandidate(bytes: Uint8Array, at: number, end: number): number {
+  const near = Math.min(end, at + 24);
+  for (; at < near; at += 1) if (bytes[at] === 34) return at;
+  return at === end ? -1 : bytes.indexOf(34, at);
+}
+
+/** Where the run of backslashes that ends just before `before` starts, not reaching back past `from`: a quote after an odd run of backslashes is escaped. */
+function backslashRunStart(bytes: Uint8Array, before: number, from: number): number {
+  let start = before;
+  while (start > from && bytes[start - 1] === 92 /* "\\" */) start -= 1;
+  return start;
+}
+
+/** The field a key just read opens: `usage` and `model` at a depth whose keys count, `response` at the top. */
+function keyField(bytes: Uint8Array, start: number, end: number, depth: number): number {
+  if (keyIs(bytes, start, end, "usage")) return USAGE_FIELD;
+  if (keyIs(bytes, start, end, "model")) return MODEL_FIELD;
+  return depth === 1 && keyIs(bytes, start, end, "response") ? RESPONSE_FIELD : NO_FIELD;
+}
+
+/** The bytes from `from` to `to` of this chunk, after what was carried: a view, or a copy when something was. */
+function readSpan(scan: UsageScan, bytes: Uint8Array, from: number, to: number): Uint8Array {
+  const carried = scan.carried;
+  if (carried === undefined) return bytes.subarray(from, to);
+  const span = new Uint8Array(carried.length + to - from);
+  span.set(carried);
+  span.set(bytes.subarray(from, to), carried.length);
+  return span;
+}
+
+/** What is being read when the chunk ends is kept for the next, as long as it can still be what it is read for; else it is let go. */
+function carry(scan: UsageScan, bytes: Uint8Array, from: number): void {
+  const length = (scan.carried?.length ?? 0) + bytes.length - from;
+  const limit = scan.usageDepth !== -1 ? MAX_USAGE_OBJECT_BYTES : scan.reading === KEY_STRING ? MAX_KEY_BYTES : MAX_MODEL_VALUE_BYTES;
+  if (length > limit) {
+    scan.carried = undefined;
+    scan.reading = PLAIN_STRING;
+    scan.usageDepth = -1;
+    return;
+  }
+  scan.carried = readSpan(scan, bytes, from, bytes.length).slice();
+}
+
+/**
+ * A usage object's tokens, in every shape: chat completions, completions
+ * and embeddings (`prompt_tokens`, `completion_tokens`, `*_tokens_details`),
+ * the Responses API (`input_tokens`, `output_tokens`, `*_tokens_details`)
+ * and Realtime (`input_token_details`); null when it is none (not JSON, not
+ * believable).
+ */
+function usageTokens(bytes: Uint8Array, start: number, end: number): Usage["tokens"] | null {
+  if (end === -1) end = bytes.length;
   const tokens: Usage["tokens"] = [-1, -1, -1, -1];
   if (readUsageObject(bytes, start, end, tokens, -1) !== end) return null;
   if (tokens[0] === -1 && tokens[1] === -1) return null;
@@ -2390,132 +2687,55 @@ function skipValue(bytes: Uint8Array, at: number, end: number): number {
   return index === at ? -1 : index;
 }
 
-/** The last model name read, reused while an answer names the same one (no string made for it). */
+/** The last model name read, reused while answers name the same one (no string made for it). */
 let lastModelName = "";
 
-/** The model name after the key at `key`: null when the value is no model name, undefined when the bytes end first. */
-function modelAt(bytes: Uint8Array, key: number): string | null | undefined {
-  const start = valueStart(bytes, key + MODEL_KEY.length);
-  if (start === -1) return undefined;
-  if (start < 0 || bytes[start] !== 34) return null;
-  const end = bytes.indexOf(34, start + 1);
-  if (end === -1) return bytes.length - start > MAX_MODEL_VALUE_BYTES ? null : undefined;
-  if (end - start - 1 > MAX_MODEL_VALUE_BYTES) return null;
-  if (keyIs(bytes, start + 1, end, lastModelName)) return lastModelName;
+/** A model value's bytes as a model name, or undefined when they are none. */
+function modelName(bytes: Uint8Array, start: number, end: number): string | undefined {
+  if (end - start > MAX_MODEL_VALUE_BYTES) return undefined;
+  if (keyIs(bytes, start, end, lastModelName)) return lastModelName;
   let model = "";
-  for (let index = start + 1; index < end; index += 1) model += String.fromCharCode(bytes[index]!);
-  if (!MODEL_NAME.test(model)) return null;
+  for (let index = start; index < end; index += 1) model += String.fromCharCode(bytes[index]!);
+  if (!MODEL_NAME.test(model)) return undefined;
   return (lastModelName = model);
 }
 
-/**
- * A JSON answer's bytes, whole, decoded first when its Content-Encoding is
- * one the proxy reads. The top-level usage is the last `usage` key (in
- * every shape it comes at or near the end); the model is the nearest
- * `model` key before it (Azure sorts its keys: just before), else the
- * first after it.
- */
-export function usageInBody(bytes: Uint8Array, contentEncoding: string | null): Usage | undefined {
-  const plain = contentEncoding === null ? bytes : decodedBody(bytes, contentEncoding);
-  if (plain === undefined) return undefined;
-  const key = lastKeyAt(plain, USAGE_KEY, plain.length);
-  const tokens = key === -1 ? undefined : usageAt(plain, key);
-  if (tokens === undefined || tokens === null) return undefined;
-  let model: string | null | undefined;
-  for (let at = lastKeyAt(plain, MODEL_KEY, key); at !== -1 && typeof model !== "string"; at = lastKeyAt(plain, MODEL_KEY, at - 1)) model = modelAt(plain, at);
-  for (let at = keyAt(plain, MODEL_KEY, key); at !== -1 && typeof model !== "string"; at = keyAt(plain, MODEL_KEY, at + 1)) model = modelAt(plain, at);
-  return { model: typeof model === "string" ? model : "", tokens };
+/** Whole answers are scanned one at a time, start to end, within a turn: one scan serves them all. */
+const wholeBodyScan = newUsageScan();
+
+/** A whole JSON answer's (or SSE body's, or Realtime event's) own usage and model, read in place. */
+export function usageInBody(bytes: Uint8Array, events = false): Usage | undefined {
+  scanUsageBytes(startUsageScan(wholeBodyScan, events), bytes);
+  return scannedUsage(wholeBodyScan);
 }
 
-function decodedBody(bytes: Uint8Array, contentEncoding: string): Uint8Array | undefined {
-  const options = { maxOutputLength: MAX_DECODED_BYTES };
-  try {
-    switch (contentEncoding.trim().toLowerCase()) {
-      case "gzip":
-      case "x-gzip":
-        return zlib.gunzipSync(bytes, options);
-      case "deflate":
-        return zlib.inflateSync(bytes, options);
-      case "br":
-        return zlib.brotliDecompressSync(bytes, options);
-      case "identity":
-        return bytes;
-      default:
-        return undefined;
-    }
-  } catch {
-    return undefined;
-  }
-}
-
-/**
- * A relayed body's next bytes: the first `model` value and every `usage`
- * object (the last one wins: a chat stream sends `"usage":null` until its
- * final chunk). What is cut at the end is carried, copied (the chunk itself
- * is freed once written), into the next.
- */
-export function scanUsageBytes(scan: UsageScan, chunk: Uint8Array): void {
-  const carried = scan.carried;
-  let bytes = chunk;
-  if (carried !== undefined) {
-    bytes = new Uint8Array(carried.length + chunk.length);
-    bytes.set(carried);
-    bytes.set(chunk, carried.length);
-    scan.carried = undefined;
-  }
-  let keepFrom = cutKeyAt(bytes);
-  for (let at = scan.model === "" ? keyAt(bytes, MODEL_KEY, 0) : -1; at !== -1; at = keyAt(bytes, MODEL_KEY, at + 1)) {
-    const model = modelAt(bytes, at);
-    if (model === undefined) keepFrom = Math.min(keepFrom, at);
-    if (model !== null) {
-      if (model !== undefined) scan.model = model;
-      break;
-    }
-  }
-  for (let at = keyAt(bytes, USAGE_KEY, 0); at !== -1; at = keyAt(bytes, USAGE_KEY, at + 1)) {
-    const usage = usageAt(bytes, at);
-    if (usage === undefined) {
-      keepFrom = Math.min(keepFrom, at);
-      break;
-    }
-    if (usage !== null) scan.usage = usage;
-  }
-  if (keepFrom < bytes.length) scan.carried = bytes.slice(keepFrom);
-}
-
-/** Where a key cut by the chunk's end begins (a `"` followed by the start of `"usage"` or `"model"`), else the length. */
-function cutKeyAt(bytes: Uint8Array): number {
-  for (let at = Math.max(0, bytes.length - (USAGE_KEY.length - 1)); at < bytes.length; at += 1) {
-    if (bytes[at] !== 34) continue;
-    const length = bytes.length - at;
-    let usage = true;
-    let model = true;
-    for (let index = 1; index < length; index += 1) {
-      usage &&= bytes[at + index] === USAGE_KEY[index];
-      model &&= bytes[at + index] === MODEL_KEY[index];
-    }
-    if (usage || model) return at;
-  }
-  return bytes.length;
-}
-
-/** JSON and server-sent events carry usage; other bodies (audio, images, files) are not looked at. */
-function mayCarryUsage(headers: Headers): boolean {
+/** Server-sent events (`text/event-stream`) or JSON carry usage; undefined for other bodies (audio, images, files), which are not looked at. */
+function usageEvents(headers: Headers): boolean | undefined {
   const type = headers.get("content-type") ?? "";
-  return type.includes("json") || type.startsWith("text/event-stream");
+  if (type.startsWith("text/event-stream")) return true;
+  return type.includes("json") ? false : undefined;
 }
 
-/** A scan for a relayed 200 answer that may carry usage (JSON or SSE), undefined for any other; compressed ones get a decoder. */
-function relayedUsageScan(headers: Headers): UsageScan | undefined {
-  if (!mayCarryUsage(headers)) return undefined;
-  const scan = newUsageScan();
+/**
+ * A scan for a 200 answer that may carry usage (JSON or SSE), undefined for
+ * any other. A compressed one gets a decoder: node:zlib's streams decode a
+ * chunk at a time off the event loop's turn, so a 500-byte answer that
+ * expands to 300 MiB costs the scan's carry, not 300 MiB, and other
+ * requests are served meanwhile (the synchronous decoders held the proxy
+ * for 0.5 s and 310 MB on one such answer, measured).
+ */
+function usageScanFor(headers: Headers): UsageScan | undefined {
+  const events = usageEvents(headers);
+  if (events === undefined) return undefined;
+  const scan = newUsageScan(events);
   const encoding = headers.get("content-encoding");
   if (encoding === null) return scan;
   const decoder = streamDecoder(encoding.trim().toLowerCase());
+  if (decoder === null) return scan;
   if (decoder === undefined) return undefined;
   decoder.on("data", (decoded: Buffer) => {
     scan.decodedBytes += decoded.byteLength;
-    if (scan.decodedBytes > MAX_DECODED_BYTES) return decoder.destroy();
+    if (scan.decodedBytes > Math.min(MAX_DECODED_BYTES, scan.encodedBytes * MAX_DECODED_RATIO + DECODED_ALLOWANCE_BYTES)) return decoder.destroy();
     scanUsageBytes(scan, decoded);
   });
   // A body the decoder cannot read is a usage the proxy cannot read: not counted, never an error.
@@ -2524,17 +2744,19 @@ function relayedUsageScan(headers: Headers): UsageScan | undefined {
   return scan;
 }
 
+/** The decoder of a Content-Encoding the proxy reads; null for `identity`; undefined for any other. */
 function streamDecoder(encoding: string) {
   if (encoding === "gzip" || encoding === "x-gzip") return zlib.createGunzip();
   if (encoding === "deflate") return zlib.createInflate();
   if (encoding === "br") return zlib.createBrotliDecompress();
-  return undefined;
+  return encoding === "identity" ? null : undefined;
 }
 
-/** A relayed chunk, scanned, or given to the decoder as a copy: the chunk itself is freed once written. */
+/** An answer's next bytes, scanned, or given to the decoder as a copy: the chunk itself is freed once written. */
 function scanUsageChunk(scan: UsageScan, chunk: Uint8Array): void {
-  if (scan.decoder === undefined) scanUsageBytes(scan, chunk);
-  else if (!scan.decoder.destroyed) scan.decoder.write(chunk.slice());
+  if (scan.decoder === undefined) return scanUsageBytes(scan, chunk);
+  scan.encodedBytes += chunk.byteLength;
+  if (!scan.decoder.destroyed) scan.decoder.write(chunk.slice());
 }
 
 /** Resolves once a compressed body's decoder has scanned its last output (at once for a plain body). */
@@ -2707,9 +2929,20 @@ interface Attempts {
   /** The answer to pass on; undefined when the last attempt got none (`error`), or when no backend could be asked. */
   response: Response | undefined;
   error: unknown;
-  /** The backend that answered or failed last; undefined when every backend of the route rests. */
+  /** The backend whose answer (or failure) this is; undefined when every backend of the route rests. */
   backend: Backend | undefined;
   count: number;
+  /** The backends asked, in order, comma-separated: for the access line. */
+  tried: string;
+}
+
+/**
+ * The methods RFC 9110 section 9.2.2 calls idempotent: Bun's fetch resends
+ * them on its own when a reused connection is reset, and they may go to the
+ * next backend after a reset (nginx's proxy_next_upstream rule).
+ */
+function idempotent(method: string): boolean {
+  return method === "GET" || method === "HEAD" || method === "PUT" || method === "DELETE" || method === "OPTIONS";
 }
 
 /**
@@ -2717,93 +2950,261 @@ interface Attempts {
  * proxy_next_upstream does: an answer of 429, 500, 502, 503 or 504, or a
  * backend that cannot be reached, moves it on to the next available
  * backend, each at most once, while the client has received nothing and
- * the body can be sent again (held as bytes: none, or a Content-Length
- * within the bounds). The client gets the first answer that is not a reason
- * to move on, or the last one. A route with one backend is the same loop,
- * once, with the body streamed.
+ * the body can be sent again (held: none, or bytes). A request that went
+ * out whole and then lost its connection without an answer moves on only
+ * when its method is idempotent: a POST the backend received may have been
+ * acted on. The client gets the first answer that is not a reason to move
+ * on; when there is none, a 429 among the answers (the throttled backend's
+ * own, saying when to come back), else the last. A route with one backend
+ * is the same loop, once, with the body streamed.
  */
-async function sendToBackends(req: Request, method: string, path: string, route: Route, bytesIn: number): Promise<Attempts> {
-  const held = route.pooled ? await holdBody(req, bytesIn) : undefined;
+async function sendToBackends(req: Request, method: string, path: string, route: Route, held: Exclude<HeldBody, typeof STALLED>): Promise<Attempts> {
+  const replayable = held === null || held instanceof Uint8Array;
+  const body = held === undefined ? req.body : held;
   let tried = 0;
-  let last: Attempts = { response: undefined, error: undefined, backend: undefined, count: 0 };
+  let last: Attempts = { response: undefined, error: undefined, backend: undefined, count: 0, tried: "" };
+  let throttled: Attempts | undefined;
   let movingOn: FailoverReason | undefined;
   try {
     for (;;) {
-      const backend = req.signal.aborted ? undefined : chooseBackend(route.backends, tried, Date.now());
-      if (backend === undefined) return last;
-      if (movingOn !== undefined) {
-        route.failovers[movingOn] += 1;
-        void last.response?.body?.cancel().catch(() => {});
-      }
+      const nowMs = Date.now();
+      const backend = req.signal.aborted ? undefined : chooseBackend(route.backends, tried, nowMs);
+      if (backend === undefined) return attemptsOutcome(last, throttled);
+      if (movingOn !== undefined) route.failovers[movingOn] += 1;
+      if (last !== throttled) void last.response?.body?.cancel().catch(() => {});
       tried |= 1 << backend.index;
+      const names = last.count === 0 ? backend.name : `${last.tried},${backend.name}`;
       try {
-        const response = await fetch(backend.url + backendPath(backend, path), {
-          method,
-          headers: req.headers,
-          body: held === undefined ? req.body : held,
-          // A disconnected client aborts the upstream request (oven-sh/bun#25919).
-          signal: req.signal,
-          // Redirects go back to the client: following one would send the token to another origin.
-          redirect: "manual",
-          // fetch would decode gzip/br but keep Content-Encoding (oven-sh/bun#35546); pass the bytes as sent.
-          decompress: false,
-          // fetch's own idle timer has cut requests silent for 300 s (oven-sh/bun#6217); reasoning models can be.
-          timeout: false,
-        });
+        const response = await sendAttempt(req, method, backend.url + backendPath(backend, path), body, backend, nowMs);
         noteBackendAnswer(route, backend, response.status, response.headers, Date.now());
-        last = { response, error: undefined, backend, count: last.count + 1 };
+        last = { response, error: undefined, backend, count: last.count + 1, tried: names };
         movingOn = failoverReason(response.status);
+        if (movingOn === "throttled" && replayable && (throttled === undefined || backend.restsUntil < throttled.backend!.restsUntil)) {
+          void throttled?.response?.body?.cancel().catch(() => {});
+          throttled = last;
+        }
       } catch (error) {
         const aborted = req.signal.aborted;
-        route.metrics.upstreamErrors[upstreamErrorReason(error, aborted)] += 1;
+        const reason = upstreamErrorReason(error, aborted);
+        route.metrics.upstreamErrors[reason] += 1;
         if (!aborted) {
           log("warn", "upstream unreachable", { upstream: backend.origin, error: errorMessage(error) });
           noteBackendAnswer(route, backend, undefined, undefined, Date.now());
         }
-        last = { response: undefined, error, backend, count: last.count + 1 };
-        movingOn = "unreachable";
+        last = { response: undefined, error, backend, count: last.count + 1, tried: names };
+        movingOn = aborted ? undefined : reason === "connect" || reason === "tls" || idempotent(method) ? "unreachable" : undefined;
       }
-      if (movingOn === undefined || held === undefined) return last;
+      if (movingOn === undefined || !replayable) return attemptsOutcome(last, throttled);
     }
   } finally {
-    if (held !== undefined && held !== null) heldBodyBytes -= bytesIn;
+    if (held instanceof Uint8Array) heldBodyBytes -= held.byteLength;
   }
 }
 
 /**
- * The body as bytes to send to each backend asked, when it may be held:
- * `null` for none, the bytes of a Content-Length within the bounds;
- * undefined for a larger or chunked one, which streams to one backend.
+ * One backend asked. One that answered lately is asked at once; any other
+ * is connect-checked beside the request, which is abandoned as a
+ * connection failure (never sent, so its body may go to the next backend)
+ * when the check has not connected within the backend's connect_timeout.
  */
-async function holdBody(req: Request, bytesIn: number): Promise<Uint8Array | null | undefined> {
-  if (req.body === null) return null;
-  if (req.headers.get("content-length") === null || bytesIn > MAX_REPLAY_BODY_BYTES || heldBodyBytes + bytesIn > MAX_HELD_BODY_BYTES) return undefined;
-  heldBodyBytes += bytesIn;
+async function sendAttempt(req: Request, method: string, url: string, body: Uint8Array | ReadableStream<Uint8Array> | null, backend: Backend, nowMs: number): Promise<Response> {
+  const connectDeadline = nowMs - backend.reachedAt < REACHED_RECENTLY_MS ? undefined : new AbortController();
+  let answered = false;
+  if (connectDeadline !== undefined) {
+    void checkConnect(backend).then((check) => {
+      if (check === "timed_out" && !answered) connectDeadline.abort(connectTimedOut(backend));
+    });
+  }
   try {
-    return await req.bytes();
+    const response = await fetch(url, {
+      method,
+      headers: req.headers,
+      body,
+      // A disconnected client aborts the upstream request (oven-sh/bun#25919).
+      signal: connectDeadline === undefined ? req.signal : AbortSignal.any([req.signal, connectDeadline.signal]),
+      // Redirects go back to the client: following one would send the token to another origin.
+      redirect: "manual",
+      // fetch would decode gzip/br but keep Content-Encoding (oven-sh/bun#35546); pass the bytes as sent.
+      decompress: false,
+      // fetch's own idle timer has cut requests silent for 300 s (oven-sh/bun#6217); reasoning models can be.
+      timeout: false,
+      // Bun's fetch resends a request whose reused connection is reset, on the next pooled one and the next
+      // (oven-sh/bun#28708 stopped it for non-idempotent methods only): 4 GETs to an upstream that hangs and
+      // resets went out 44 times with 40 idle connections (measured). Those methods take a connection of their own.
+      keepalive: !idempotent(method),
+    });
+    answered = true;
+    return response;
+  } catch (error) {
+    throw connectDeadline?.signal.aborted && !req.signal.aborted ? connectTimedOut(backend) : error;
+  }
+}
+
+/**
+ * What the client gets when the attempts end: the last answer, unless it is
+ * a reason to move on (or none) and a backend answered 429 before it; then
+ * that 429, the backend that returns first, with every attempt counted.
+ */
+function attemptsOutcome(last: Attempts, throttled: Attempts | undefined): Attempts {
+  if (throttled === undefined || throttled === last) return last;
+  if (last.response !== undefined && failoverReason(last.response.status) === undefined) {
+    void throttled.response!.body?.cancel().catch(() => {});
+    return last;
+  }
+  void last.response?.body?.cancel().catch(() => {});
+  return { ...throttled, count: last.count, tried: last.tried };
+}
+
+/** A pooled request's body: `null` for none, bytes held to be sent again, a stream for one backend (undefined: the request's own), or STALLED. */
+type HeldBody = Uint8Array | null | ReadableStream<Uint8Array> | undefined | typeof STALLED;
+const STALLED = Symbol("stalled");
+type BodyReader = Pick<ReadableStreamDefaultReader<Uint8Array>, "read" | "cancel">;
+
+/**
+ * The body as bytes to send to each backend asked, when it may be held:
+ * none, or a Content-Length within MAX_REPLAY_BODY_BYTES while the budget
+ * has room; undefined (or a stream) for a body that goes to one backend.
+ * An upload that sends nothing for the keep-alive idle time is STALLED:
+ * its hold is released and it is answered 408.
+ */
+async function holdBody(req: Request, bytesIn: number): Promise<HeldBody> {
+  if (req.body === null) return null;
+  if (req.headers.get("content-length") === null || bytesIn > MAX_REPLAY_BODY_BYTES) return undefined;
+  return bytesIn <= SMALL_BODY_BYTES ? holdSmallBody(req, bytesIn) : holdLargeBody(req);
+}
+
+/**
+ * A small body mostly comes with the headers: it is taken whole
+ * (`req.bytes()`; reading it chunk by chunk through a stream reader cost
+ * 4 us a request, measured), its announced size counted as arriving until
+ * it is in. One not whole within the idle time is stalled (64 KiB taking
+ * 75 s is under 1 KB/s).
+ */
+async function holdSmallBody(req: Request, bytesIn: number): Promise<HeldBody> {
+  if (heldBodyBytes + bytesIn > MAX_HELD_BODY_BYTES || arrivingBodyBytes + bytesIn > MAX_ARRIVING_BODY_BYTES) return undefined;
+  heldBodyBytes += bytesIn;
+  arrivingBodyBytes += bytesIn;
+  const stall = stallWatch();
+  try {
+    const body = await Promise.race([req.bytes(), stall.stalled]);
+    if (body !== STALLED) heldBodyBytes += body.byteLength - bytesIn;
+    else heldBodyBytes -= bytesIn;
+    return body;
   } catch {
     // The client went away while sending it: the attempts see its signal and end.
     heldBodyBytes -= bytesIn;
     return null;
+  } finally {
+    stall.stop();
+    arrivingBodyBytes -= bytesIn;
   }
+}
+
+/**
+ * A larger body is read as it arrives, each chunk counted when it comes:
+ * stalled uploads hold what they sent, not what they announced (16
+ * announcing 4 MiB and sending a byte took the whole budget, measured). One
+ * that outgrows the budget streams on to one backend with what it had sent.
+ */
+async function holdLargeBody(req: Request): Promise<HeldBody> {
+  const reader = req.body!.getReader();
+  const chunks: Uint8Array[] = [];
+  let received = 0;
+  let held = false;
+  const stall = stallWatch();
+  try {
+    for (;;) {
+      const next = await Promise.race([reader.read(), stall.stalled]);
+      if (next === STALLED) {
+        void reader.cancel().catch(() => {});
+        return STALLED;
+      }
+      if (next.done) {
+        held = true;
+        return heldBytes(chunks, received);
+      }
+      const chunk = next.value;
+      stall.arrived();
+      chunks.push(chunk);
+      if (heldBodyBytes + chunk.byteLength > MAX_HELD_BODY_BYTES || arrivingBodyBytes + chunk.byteLength > MAX_ARRIVING_BODY_BYTES) return resumedBody(chunks, reader);
+      heldBodyBytes += chunk.byteLength;
+      arrivingBodyBytes += chunk.byteLength;
+      received += chunk.byteLength;
+    }
+  } catch {
+    return null;
+  } finally {
+    stall.stop();
+    arrivingBodyBytes -= received;
+    // A held body's bytes are released when its attempts end; any other's now.
+    if (!held) heldBodyBytes -= received;
+  }
+}
+
+/** The chunks of a body as one array. */
+function heldBytes(chunks: Uint8Array[], received: number): Uint8Array {
+  if (chunks.length === 1) return chunks[0]!;
+  const bytes = new Uint8Array(received);
+  let at = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, at);
+    at += chunk.byteLength;
+  }
+  return bytes;
+}
+
+/** Resolves STALLED once nothing has arrived for the keep-alive idle time; `arrived()` says something did. */
+function stallWatch(): { stalled: Promise<typeof STALLED>; arrived(): void; stop(): void } {
+  let lastArrivalAt = performance.now();
+  let timer: ReturnType<typeof setTimeout>;
+  let resolveStalled: (stalled: typeof STALLED) => void;
+  const stalled = new Promise<typeof STALLED>((resolve) => (resolveStalled = resolve));
+  const check = () => {
+    const idle = performance.now() - lastArrivalAt;
+    if (idle >= KEEP_ALIVE_IDLE_SECONDS * SECOND) resolveStalled(STALLED);
+    else timer = setTimeout(check, KEEP_ALIVE_IDLE_SECONDS * SECOND - idle);
+  };
+  timer = setTimeout(check, KEEP_ALIVE_IDLE_SECONDS * SECOND);
+  return { stalled, arrived: () => (lastArrivalAt = performance.now()), stop: () => clearTimeout(timer) };
+}
+
+/** A body that outgrew the budget: what it had sent, then the rest as it comes, to one backend. */
+function resumedBody(chunks: Uint8Array[], reader: BodyReader): ReadableStream<Uint8Array> {
+  return new ReadableStream<Uint8Array>(
+    {
+      async pull(controller) {
+        const chunk = chunks.shift() ?? (await reader.read()).value;
+        if (chunk === undefined) controller.close();
+        else controller.enqueue(chunk);
+      },
+      cancel: (reason) => reader.cancel(reason),
+    },
+    { highWaterMark: 0 },
+  );
 }
 
 /** No answer to pass on: the client left (499), every backend rests (429/503), or the last one could not be reached (502). */
 function unanswered(req: Request, method: string, target: string, route: Route, attempts: Attempts, startedAt: number, series: RequestSeries | undefined, server: ProxyServer): Response {
   const metrics = route.metrics;
   if (req.signal.aborted) {
-    answered(metrics, method, target, 499, startedAt, series);
+    answered(metrics, method, target, 499, startedAt, series, route, attempts);
     return new Response(null, { status: 499 });
   }
   if (attempts.backend === undefined) {
     const resting = restingAnswer(route, Date.now());
-    answered(metrics, method, target, resting.status, startedAt, series);
+    answered(metrics, method, target, resting.status, startedAt, series, route, attempts);
     return resting;
   }
-  answered(metrics, method, target, 502, startedAt, series);
+  answered(metrics, method, target, 502, startedAt, series, route, attempts);
   // A request that waited long enough to have its timer lifted gets it back, as after any response.
   if (idleTimerLifted(startedAt, performance.now())) server.timeout(req, KEEP_ALIVE_IDLE_SECONDS);
   return proxyError(502, "upstream_unreachable", `auth-proxy could not reach ${attempts.backend.origin}: ${errorMessage(attempts.error)}`);
+}
+
+/** An upload that sent nothing for the keep-alive idle time while its body was held: its hold is released and the connection closed. */
+function stalledUpload(method: string, target: string, route: Route, startedAt: number, series: RequestSeries): Response {
+  answered(route.metrics, method, target, 408, startedAt, series, route);
+  return proxyError(408, "request_body_stalled", `the request body sent nothing for ${KEEP_ALIVE_IDLE_SECONDS} s`, { connection: "close" });
 }
 
 /** One forwarded request, the whole hot path: rewrite headers, send to the route's backends, strip the response's hop-by-hop headers, count, relay. */
@@ -2819,7 +3220,13 @@ async function forward(req: Request, method: string, target: string, authorizati
   const clientRequestId = accessLogEnabled ? req.headers.get("x-ms-client-request-id") : null;
   rewriteRequestHeaders(req.headers, authorization);
   collectOnBurst((metrics.requestsInFlight += 1));
-  const attempts = await sendToBackends(req, method, path, route, bytesIn);
+  const held = route.pooled ? await holdBody(req, bytesIn) : undefined;
+  if (held === STALLED) {
+    clearTimeout(lift);
+    metrics.requestsInFlight -= 1;
+    return stalledUpload(method, target, route, startedAt, series);
+  }
+  const attempts = await sendToBackends(req, method, path, route, held);
   const response = attempts.response;
   if (response === undefined) {
     clearTimeout(lift);
@@ -2841,6 +3248,7 @@ async function forward(req: Request, method: string, target: string, authorizati
     route,
     backend: attempts.backend!,
     attempts: attempts.count,
+    tried: attempts.tried,
     series,
     metrics,
     status: response.status,
@@ -2870,7 +3278,7 @@ async function forward(req: Request, method: string, target: string, authorizati
   }
   // A stream or a large body may run for minutes: no timer until it ends, then the keep-alive timer again.
   server.timeout(req, 0);
-  if (TOKENS_COUNTED && response.status === 200) exchange.usageScan = relayedUsageScan(headers);
+  if (TOKENS_COUNTED && response.status === 200) exchange.usageScan = usageScanFor(headers);
   return new Response(relayBody(body, exchange), response);
 }
 
@@ -2906,8 +3314,21 @@ function smallBodyAnswered(response: Response, exchange: Exchange): Response | P
 function bodyAnswered(response: Response, bytes: Uint8Array, exchange: Exchange): Response {
   if (exchange.firstByteAt === 0) exchange.firstByteAt = exchange.headersAt;
   exchange.bytesOut = bytes.byteLength;
-  if (TOKENS_COUNTED && exchange.status === 200 && mayCarryUsage(response.headers)) exchange.usage = usageInBody(bytes, response.headers.get("content-encoding"));
+  const events = TOKENS_COUNTED && exchange.status === 200 ? usageEvents(response.headers) : undefined;
+  if (events !== undefined && !response.headers.has("content-encoding")) exchange.usage = usageInBody(bytes, events);
+  else if (events !== undefined) return compressedBodyAnswered(response, bytes, exchange);
   exchangeEnded(exchange, "done");
+  return new Response(bytes, response);
+}
+
+/** A compressed small answer goes out at once; its usage is read by a decoder, on a copy, and the exchange ends when that is done. */
+function compressedBodyAnswered(response: Response, bytes: Uint8Array, exchange: Exchange): Response {
+  const scan = usageScanFor(response.headers);
+  exchange.usageScan = scan;
+  if (scan !== undefined) scanUsageChunk(scan, bytes);
+  const scanned = scan === undefined ? undefined : usageScanned(scan);
+  if (scanned === undefined) exchangeEnded(exchange, "done");
+  else void scanned.then(() => exchangeEnded(exchange, "done"));
   return new Response(bytes, response);
 }
 
@@ -2936,9 +3357,10 @@ interface Exchange {
   /** As the client sent it: the access line's path. */
   target: string;
   route: Route;
-  /** The backend that answered, and how many were asked. */
+  /** The backend that answered, how many were asked, and which (comma-separated). */
   backend: Backend;
   attempts: number;
+  tried: string;
   series: RequestSeries;
   metrics: Metrics;
   /** The upstream's status; 499 when the client went away mid-body. */
@@ -3075,14 +3497,10 @@ function writeAccessLines(): void {
 
 function writeAccessLine(exchange: Exchange): void {
   const { method, target, route, backend, startedAt, endedAt, status, series, requestId, clientRequestId, usage, end: how } = exchange;
-  const textLength = method.length + target.length + route.prefix.length + backend.name.length + (requestId?.length ?? 0) + (clientRequestId?.length ?? 0) + (usage?.model.length ?? 0);
+  const textLength = method.length + target.length + route.prefix.length + exchange.tried.length + (requestId?.length ?? 0) + (clientRequestId?.length ?? 0) + (usage?.model.length ?? 0);
   if (!reserveLog(ACCESS_LINE_BYTES + 6 * textLength)) return;
   putAccessLineHead(method, target, status, startedAt, endedAt);
-  if (route.named) putStringField(ROUTE, route.prefix);
-  if (route.pooled) {
-    putStringField(BACKEND, backend.name);
-    putIntegerField(ATTEMPTS, exchange.attempts);
-  }
+  putRouteFields(route, backend.name, exchange.attempts, exchange.tried);
   putMillisField(UPSTREAM_MS, exchange.headersAt - startedAt);
   if (exchange.firstByteAt !== 0) putMillisField(TTFB_MS, exchange.firstByteAt - startedAt);
   putIntegerField(BYTES_IN, exchange.bytesIn);
@@ -3108,13 +3526,32 @@ function pathEnd(target: string): number {
 
 let accessLogEnabled = true;
 
-/** A request the proxy answered itself (401, 405, 499, 502, 503...): counted and given its access line at once. */
-function answered(metrics: Metrics, method: string, target: string, status: number, startedAt: number, series = requestSeries(metrics, method, deploymentLabel(metrics, target))): void {
+/**
+ * A request the proxy answered itself (401, 405, 499, 502, 503...): counted
+ * and given its access line at once; one that reached a route names it, and
+ * the backends it tried.
+ */
+function answered(metrics: Metrics, method: string, target: string, status: number, startedAt: number, series = requestSeries(metrics, method, deploymentLabel(metrics, target)), route?: Route, attempts?: Attempts): void {
   countStatus(series, status);
   if (!accessLogEnabled) return;
-  if (!reserveLine(ACCESS_LINE_BYTES + 6 * (method.length + target.length))) return;
+  const tried = attempts?.tried ?? "";
+  if (!reserveLine(ACCESS_LINE_BYTES + 6 * (method.length + target.length + (route?.prefix.length ?? 0) + tried.length))) return;
   putAccessLineHead(method, target, status, startedAt, performance.now());
+  if (route !== undefined) putRouteFields(route, attempts?.backend?.name, attempts?.count ?? 0, tried);
   putBytes(LINE_END);
+}
+
+/**
+ * With a routes file or a pool: the route, the backend whose answer the
+ * client got (when one did), the attempts, and when there were several
+ * (or none answered), the backends tried in order.
+ */
+function putRouteFields(route: Route, backend: string | undefined, attempts: number, tried: string): void {
+  if (!route.named && !route.pooled) return;
+  if (route.named) putStringField(ROUTE, route.prefix);
+  if (backend !== undefined) putStringField(BACKEND, backend);
+  putIntegerField(ATTEMPTS, attempts);
+  if (attempts > 1 || (backend === undefined && attempts > 0)) putStringField(TRIED, tried);
 }
 
 /** An access line's fixed fields, numbers, time and deployment at their longest (under 500 bytes); each other text field adds six bytes a character at most. */
@@ -3132,6 +3569,7 @@ const DEPLOYMENT = asciiBytes(',"deployment":');
 const ROUTE = asciiBytes(',"route":');
 const BACKEND = asciiBytes(',"backend":');
 const ATTEMPTS = asciiBytes(',"attempts":');
+const TRIED = asciiBytes(',"tried":');
 const REQUEST_ID = asciiBytes(',"request_id":');
 const CLIENT_REQUEST_ID = asciiBytes(',"client_request_id":');
 const USAGE_FIELDS = [',"input_tokens":', ',"output_tokens":', ',"cached_input_tokens":', ',"reasoning_tokens":'].map(asciiBytes);
@@ -3330,7 +3768,7 @@ async function relayWebSocket(
   for (;;) {
     const backend = req.signal.aborted ? undefined : chooseBackend(route.backends, tried, Date.now());
     if (backend === undefined && refused !== undefined) return refusedHandshake(req, target, refused.handshake, refused.failure, startedAt, route);
-    if (backend === undefined) return unanswered(req, req.method, target, route, { response: undefined, error: undefined, backend: undefined, count: 0 }, startedAt, undefined, server);
+    if (backend === undefined) return unanswered(req, req.method, target, route, { response: undefined, error: undefined, backend: undefined, count: 0, tried: "" }, startedAt, undefined, server);
     if (refused !== undefined) route.failovers[refused.reason!] += 1;
     tried |= 1 << backend.index;
     const url = backend.url + backendPath(backend, path);
@@ -3396,11 +3834,9 @@ function noteRealtimeEvent(session: RelaySession, frame: string): void {
   const model = done ? event.response?.model : event.session?.model;
   if (typeof model === "string" && MODEL_NAME.test(model)) session.model = model;
   if (!done || (event.type !== "response.done" && event.type !== "response.completed")) return;
-  // The same reader and rules as for HTTP answers: the event's last `usage` key is its response's.
-  const bytes = Buffer.from(frame);
-  const key = lastKeyAt(bytes, USAGE_KEY, bytes.length);
-  const tokens = key === -1 ? undefined : usageAt(bytes, key);
-  if (tokens === undefined || tokens === null) return;
+  // The same reader and rules as for HTTP answers: the usage is the event's `response` object's own.
+  const tokens = usageInBody(Buffer.from(frame))?.tokens;
+  if (tokens === undefined) return;
   countTokens(session.metrics, session.deployment, { model: session.model, tokens });
   for (let type = 0; type < tokens.length; type += 1) if (tokens[type]! >= 0) session.tokens[type] = Math.max(session.tokens[type]!, 0) + tokens[type]!;
 }

@@ -179,3 +179,79 @@ export function readSlowly(port: number, request: string, pid: number, onData: (
     });
   });
 }
+
+/**
+ * An address that drops SYNs, as a black-holed private endpoint or a dead
+ * node does, staying on 127.0.0.1: a listener whose accept queue (backlog 0)
+ * is full and never drained. Node and Bun accept every connection on their
+ * own, so it is Python's socket module, which lets one listen and not accept.
+ */
+export async function startBlackHole(): Promise<{ port: number; close(): void }> {
+  const script = [
+    "import socket, sys",
+    "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(0)",
+    "fill = []",
+    "for _ in range(4):",
+    "    c = socket.socket(); c.setblocking(False)",
+    "    try: c.connect(s.getsockname())",
+    "    except BlockingIOError: pass",
+    "    fill.append(c)",
+    "print(s.getsockname()[1], flush=True)",
+    "sys.stdin.read()",
+  ].join("\n");
+  const proc = Bun.spawn(["python3", "-c", script], { stdin: "pipe", stdout: "pipe", stderr: "inherit" });
+  const { value } = await proc.stdout.getReader().read();
+  const port = Number(new TextDecoder().decode(value).trim());
+  if (!(port > 0)) throw new Error("the black hole did not start (python3 is needed)");
+  // Let the filler connections settle into the queue before anyone counts on it being full.
+  await Bun.sleep(200);
+  return { port, close: () => proc.kill() };
+}
+
+/** A listener that accepts connections and never says anything: a TLS handshake to it never completes. */
+export function startSilentListener(): Promise<{ port: number; close(): void }> {
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((socket) => {
+    sockets.add(socket);
+    socket.on("error", () => {});
+    socket.on("close", () => sockets.delete(socket));
+  });
+  return new Promise((resolve) =>
+    server.listen(0, "127.0.0.1", () =>
+      resolve({
+        port: (server.address() as net.AddressInfo).port,
+        close: () => {
+          for (const socket of sockets) socket.destroy();
+          server.close();
+        },
+      }),
+    ),
+  );
+}
+
+/** An upload that announces `announced` bytes, sends `sent` of them, then nothing: resolves with what came back once the server closes, or at `waitMs`. */
+export function stalledUpload(port: number, path: string, announced: number, sent: number, waitMs: number): { written: Promise<void>; done: Promise<{ response: string; closedAfterMs: number | undefined }>; socket: net.Socket } {
+  const socket = net.connect(port, "127.0.0.1");
+  const startedAt = Date.now();
+  let response = "";
+  const written = new Promise<void>((resolve, reject) => {
+    socket.on("connect", () => {
+      socket.write(`POST ${path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\nContent-Length: ${announced}\r\n\r\n`);
+      socket.write(Buffer.alloc(sent, "x"), () => resolve());
+    });
+    socket.on("error", reject);
+  });
+  const done = new Promise<{ response: string; closedAfterMs: number | undefined }>((resolve) => {
+    socket.on("data", (chunk: Buffer) => (response += chunk.toString("latin1")));
+    const timer = setTimeout(() => {
+      socket.destroy();
+      resolve({ response, closedAfterMs: undefined });
+    }, waitMs);
+    socket.on("close", () => {
+      clearTimeout(timer);
+      resolve({ response, closedAfterMs: Date.now() - startedAt });
+    });
+  });
+  socket.on("error", () => {});
+  return { written, done, socket };
+}

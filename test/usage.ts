@@ -59,7 +59,7 @@ export function embeddings(vectors = 1, promptTokens = 8): string {
 
 export const EMBEDDINGS_TOKENS = { input: 8, output: 0, cached_input: 0, reasoning: 0 };
 
-function responseObject(status: string, usage: object | null, output: object[]): Record<string, unknown> {
+function responseObject(status: string, usage: object | null, output: object[], metadata: object = {}): Record<string, unknown> {
   return {
     id: "resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b",
     object: "response",
@@ -83,7 +83,7 @@ function responseObject(status: string, usage: object | null, output: object[]):
     truncation: "disabled",
     usage,
     user: null,
-    metadata: {},
+    metadata,
   };
 }
 
@@ -93,6 +93,22 @@ const MESSAGE = { type: "message", id: "msg_67ccd2bf17f0819081ff3bb2cf6508e6", s
 
 export function response(): string {
   return JSON.stringify(responseObject("completed", RESPONSE_USAGE, [{ type: "reasoning", id: "rs_1", summary: [] }, MESSAGE]));
+}
+
+/** What a caller could make an answer echo: a usage-shaped object with more tokens than any real one here. */
+export const USAGE_SHAPED = { input_tokens: 999, output_tokens: 999, total_tokens: 1998, prompt_tokens: 999, completion_tokens: 999 };
+
+/**
+ * A Responses answer echoing caller-controlled values that look like usage:
+ * `metadata` (after the usage, where the API puts it, or first), a tool
+ * call's arguments and a message's text holding usage as text, and an
+ * output item holding a usage-shaped object.
+ */
+export function responseEchoing(metadata: object, first = false): string {
+  const toolCall = { type: "function_call", id: "fc_1", call_id: "call_1", name: "report", arguments: JSON.stringify({ usage: USAGE_SHAPED, model: "fake" }), status: "completed" };
+  const echoed = { ...MESSAGE, content: [{ type: "output_text", text: `"usage": ${JSON.stringify(USAGE_SHAPED)}`, annotations: [], usage: USAGE_SHAPED, model: "fake" }] };
+  const { metadata: _, ...rest } = responseObject("completed", RESPONSE_USAGE, [toolCall, echoed]);
+  return JSON.stringify(first ? { metadata, ...rest } : { ...rest, metadata });
 }
 
 /** The Responses API stream: typed events, usage null until `response.completed`. One string per event. */
