@@ -21,6 +21,7 @@ WORKDIR /src
 COPY package.json bun.lock ./
 RUN bun install --frozen-lockfile
 COPY tsconfig.json bunfig.toml proxy.ts ./
+COPY src ./src
 RUN bun run typecheck
 # The same flags as `make build`: they live in package.json's "build" script.
 RUN case "$TARGETARCH" in \

@@ -34,7 +34,7 @@ test-tools:
 	  else echo "promtool is needed by the tests: sudo apt-get install prometheus"; exit 1; fi; }
 
 test: install typecheck test-tools
-	$(BUN) test --timeout 60000
+	$(BUN) test --timeout 60000 --parallel=2
 
 demo: install
 	$(BUN) test/demo.ts
@@ -52,7 +52,7 @@ build: build-x64
 # The whole suite against the compiled binary instead of `bun proxy.ts`, with every API_BASE_URL
 # given as a routes file of one route `/` (test/harness.ts): the two configurations must behave alike.
 test-binary: build-x64 test-tools
-	AUTH_PROXY_BIN=$(CURDIR)/dist/auth-proxy AUTH_PROXY_TEST_ROUTES=1 $(BUN) test --timeout 60000
+	AUTH_PROXY_BIN=$(CURDIR)/dist/auth-proxy AUTH_PROXY_TEST_ROUTES=1 $(BUN) test --timeout 60000 --parallel=2
 
 # What the scratch image holds, in a read-only chroot as uid 65532 (no Docker engine needed).
 image-check: build
@@ -89,7 +89,7 @@ BASE ?= HEAD
 bench-ab: build-x64
 	@command -v wrk >/dev/null || { echo "installing wrk (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk util-linux >/dev/null; }
 	rm -rf dist/base && mkdir -p dist/base
-	git show $(BASE):proxy.ts > dist/base/proxy.ts && git show $(BASE):package.json > dist/base/package.json
+	git archive $(BASE) proxy.ts package.json $$(git ls-tree --name-only $(BASE) src) | tar -x -C dist/base
 	cd dist/base && $(CURDIR)/$(BUN) run build --define 'AUTH_PROXY_COMMIT="$(shell git rev-parse --short=12 $(BASE))"' --target=$(X64_TARGET) --outfile auth-proxy
 	$(BUN) bench/ab.ts dist/base/auth-proxy dist/auth-proxy
 
