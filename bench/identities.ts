@@ -6,7 +6,7 @@
  * Part of `make bench`; alone: `bun bench/identities.ts` (after make build-x64).
  */
 import { execFileSync, spawnSync } from "node:child_process";
-import { mkdirSync, writeFileSync } from "node:fs";
+import { mkdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { CertificateFactory } from "../test/certificates.ts";
 import { FakeEntraId, FakeManagedIdentityEndpoint, FakeOidcIssuer } from "../test/fakes.ts";
@@ -19,15 +19,15 @@ const WORKLOAD_APP = "7a6b5c4d-3e2f-4a1b-9c8d-7e6f5a4b3c2d";
 export const BASELINE_REF = process.env.BENCH_BASELINE_REF ?? "a0d94d6";
 
 /** The proxy as it was at `ref`, compiled like today's; undefined when this checkout lacks the commit. */
-function buildBaseline(ref: string): string | undefined {
-  const dir = join(ROOT, "dist/baseline");
+/** The compiled binary of `ref`'s proxy.ts (and src/, where it has one), as dist/bench-<name>; undefined when `ref` has no proxy.ts. */
+export function buildAt(ref: string, name: string): string | undefined {
+  const dir = join(ROOT, `dist/${name}-source`);
+  rmSync(dir, { recursive: true, force: true });
   mkdirSync(dir, { recursive: true });
-  for (const file of ["proxy.ts", "package.json"]) {
-    const shown = spawnSync("git", ["show", `${ref}:${file}`], { cwd: ROOT });
-    if (shown.status !== 0) return undefined;
-    writeFileSync(join(dir, file), shown.stdout);
-  }
-  const binary = join(ROOT, "dist/bench-baseline");
+  const tree = spawnSync("git", ["ls-tree", "--name-only", ref, "proxy.ts", "package.json", "src"], { cwd: ROOT });
+  if (tree.status !== 0 || !tree.stdout.toString().includes("proxy.ts")) return undefined;
+  execFileSync("sh", ["-c", `git archive ${ref} ${tree.stdout.toString().trim().split("\n").join(" ")} | tar -x -C ${dir}`], { cwd: ROOT });
+  const binary = join(ROOT, `dist/bench-${name}`);
   execFileSync(BUN, ["build", join(dir, "proxy.ts"), "--compile", "--minify", "--bytecode", "--no-compile-autoload-dotenv", "--no-compile-autoload-bunfig", "--outfile", binary], { stdio: "ignore" });
   return binary;
 }
@@ -71,7 +71,7 @@ export async function identityIdleMemory(options: { upstream: string; proxyBinar
     "workload-identity": [options.proxyBinary, { ...common, AZURE_CLIENT_ID: WORKLOAD_APP, AZURE_FEDERATED_TOKEN_FILE: tokenFile }],
     "managed-identity (IMDS)": [options.proxyBinary, { ...common, AZURE_AUTH_MODE: "managed-identity", ...imds.environment() }],
   };
-  const baseline = buildBaseline(BASELINE_REF);
+  const baseline = buildAt(BASELINE_REF, "baseline");
   if (baseline) targets[`certificate, before identities (${BASELINE_REF})`] = [baseline, certificateEnv];
   const samples: Record<string, number[]> = Object.fromEntries(Object.keys(targets).map((name) => [name, []]));
   try {

@@ -16,7 +16,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
 import { benchEntra } from "./entra.ts";
-import { BASELINE_REF, identityIdleMemory } from "./identities.ts";
+import { BASELINE_REF, buildAt, identityIdleMemory } from "./identities.ts";
 import { freePort, median, memoryKiB, ROOT, waitForStatus as waitFor } from "../test/harness.ts";
 import packageJson from "../package.json" with { type: "json" };
 
@@ -136,6 +136,15 @@ const tokensUncountedProxyPort = freePort();
 serve([TOKENS_UNCOUNTED_BINARY], { ...proxyEnv, PORT: String(tokensUncountedProxyPort), LOG_LEVEL: "info" });
 await waitFor(`http://127.0.0.1:${tokensUncountedProxyPort}/health`);
 
+// The standing baseline: the build of 0fe33c5, the last before routes, pools and token counting,
+// so every later change reports what the plain path has cost since then, not only its own step.
+const PLAIN_PATH_BASELINE = "0fe33c5";
+const plainBaselineBinary = buildAt(PLAIN_PATH_BASELINE, "plain-baseline");
+if (plainBaselineBinary === undefined) throw new Error(`${PLAIN_PATH_BASELINE} is not in this clone's history (a shallow clone?): make bench compares with it`);
+const plainBaselinePort = freePort();
+serve([plainBaselineBinary], { ...proxyEnv, PORT: String(plainBaselinePort), LOG_LEVEL: "info" });
+await waitFor(`http://127.0.0.1:${plainBaselinePort}/health`);
+
 // The same shipped build with a routes file of ten routes (a search API, a Foundry project, deployment
 // routes...), the bench's chat completion taken by the last, `/`, after nine longer prefixes that miss.
 const routesFile = join(work, "routes.yaml");
@@ -244,8 +253,8 @@ const peakAfterAllLoads = memoryKiB(proxy.pid, "VmHWM");
 // against both on.
 const COST_TRIPLETS = Number(process.env.BENCH_COST_TRIPLETS ?? 20);
 const postRps = (port: number) => wrk(`http://127.0.0.1:${port}${CHAT_PATH}`, 64, join(ROOT, "bench/post.lua")).rps;
-const costArms = { bothOn: countedProxyPort, linesOff: quietProxyPort, bothOff: uncountedProxyPort, tokensOff: tokensUncountedProxyPort, routes: routesProxyPort, pool: poolProxyPort };
-const costRps: Record<keyof typeof costArms, number[]> = { bothOn: [], linesOff: [], bothOff: [], tokensOff: [], routes: [], pool: [] };
+const costArms = { bothOn: countedProxyPort, linesOff: quietProxyPort, bothOff: uncountedProxyPort, tokensOff: tokensUncountedProxyPort, routes: routesProxyPort, pool: poolProxyPort, plainBaseline: plainBaselinePort };
+const costRps: Record<keyof typeof costArms, number[]> = { bothOn: [], linesOff: [], bothOff: [], tokensOff: [], routes: [], pool: [], plainBaseline: [] };
 for (let triplet = 0; triplet < COST_TRIPLETS; triplet++) {
   const arms = Object.keys(costArms) as (keyof typeof costArms)[];
   for (let step = 0; step < arms.length; step++) {
@@ -271,6 +280,7 @@ const tokensCost = costRatio("bothOn", "tokensOff");
 const metricsCost = costRatio("linesOff", "bothOff");
 const routesCost = costRatio("routes", "bothOn");
 const poolCost = costRatio("pool", "bothOn");
+const sinceBaseline = costRatio("bothOn", "plainBaseline");
 // One failover at c=1: the pool's p50 less the single upstream's, in alternating rounds.
 const failoverAdded: number[] = [];
 for (let round = 0; round < ROUNDS * 2; round++) {
@@ -382,6 +392,11 @@ const checks = [
     `Ten routes at c=64 ≥ 0.97 × one upstream (same build, access lines on)`,
     `${routesCost.median.toFixed(3)} × (median of ${COST_TRIPLETS} rounds, ${routesCost.min.toFixed(3)}-${routesCost.max.toFixed(3)}; ${Math.round(median(costRps.routes)).toLocaleString("en-US")} vs ${Math.round(median(costRps.bothOn)).toLocaleString("en-US")} req/s; the request matched by the tenth route, after nine longer prefixes)`,
     routesCost.median >= 0.97,
+  ],
+  [
+    `The plain path (one upstream, metrics, access lines, token counting) at c=64 ≥ 0.97 × the build of ${PLAIN_PATH_BASELINE}, before routes, pools and token counting: every change's cumulative cost`,
+    `${sinceBaseline.median.toFixed(3)} × (median of ${COST_TRIPLETS} rounds, ${sinceBaseline.min.toFixed(3)}-${sinceBaseline.max.toFixed(3)}; ${Math.round(median(costRps.bothOn)).toLocaleString("en-US")} vs ${Math.round(median(costRps.plainBaseline)).toLocaleString("en-US")} req/s)`,
+    sinceBaseline.median >= 0.97,
   ],
   [
     `Two-backend pool, healthy primary, at c=64 ≥ 0.9 × one upstream (bodies held for failover)`,
