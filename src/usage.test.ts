@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createHash } from "node:crypto";
 import { brotliCompressSync, constants as zlibConstants, deflateSync, gzipSync } from "node:zlib";
 import { AzureOpenAI } from "openai";
-import { type Usage, usageInBody } from "../src/usage.ts";
+import { newUsageScan, scanUsageBytes, type Usage, usageInBody } from "../src/usage.ts";
 import { type CannedAnswer } from "../test/fakes.ts";
 import { memoryKiB, startProxy, type ProxyProcess } from "../test/harness.ts";
 import { promtool, scrape, valueOf } from "../test/prometheus.ts";
@@ -357,6 +357,38 @@ describe("Model token usage", () => {
 });
 
 describe("Pure pieces", () => {
+  test("a whole answer's usage read from its end is the forward scan's, and so is every chunked scan of it, wherever the cuts fall", () => {
+    const shapes = [
+      usage.chatCompletion(),
+      usage.completion(),
+      usage.embeddings(),
+      usage.response(),
+      usage.responseEchoing({ usage: usage.USAGE_SHAPED, model: "fake" }),
+      usage.responseEchoing({ usage: usage.USAGE_SHAPED, model: "fake" }, true),
+      usage.responseEchoing({ usage: "n/a" }),
+      usage.realtimeResponseDone(10, 2, 4),
+      '{"usage":null,"model":"m"}',
+      '{"model":"m","usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}',
+      '{"a":"}\\\\","usage":{"prompt_tokens":3},"b":["\\"usage\\":{}",{"usage":{"prompt_tokens":9}}]}',
+      '[{"usage":{"prompt_tokens":1}}]',
+      '{"usage":{"prompt_tokens":1}} trailing',
+      "{}",
+    ];
+    for (const text of shapes) {
+      const bytes = new TextEncoder().encode(text);
+      const forward = newUsageScan();
+      scanUsageBytes(forward, bytes);
+      const expected = forward.usage === undefined ? undefined : { model: forward.model, tokens: forward.usage };
+      expect(usageInBody(bytes), text).toEqual(expected);
+      for (let cut = 1; cut < bytes.length; cut += Math.max(1, Math.floor(bytes.length / 97))) {
+        const chunked = newUsageScan();
+        scanUsageBytes(chunked, bytes.subarray(0, cut));
+        scanUsageBytes(chunked, bytes.subarray(cut));
+        expect(chunked.usage, `${text} cut at ${cut}`).toEqual(forward.usage);
+      }
+    }
+  });
+
   test("usageInBody reads usage in place: pretty-printed, escaped, nested and hostile shapes, the last usage and the nearest model", () => {
     const read = (text: string) => usageInBody(new TextEncoder().encode(text));
     const cases: [string, Usage | undefined][] = [
