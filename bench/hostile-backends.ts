@@ -16,10 +16,11 @@
  * Usage: bun bench/hostile-backends.ts   (takes about 75 s). Writes its section of bench/RESULTS.md.
  */
 import http from "node:http";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { benchEntra } from "./entra.ts";
+import { writeResultsSection } from "./results.ts";
 import { freePort, ROOT, waitForStatus } from "../test/harness.ts";
 import { startBlackHole } from "../test/http.ts";
 
@@ -88,15 +89,8 @@ try {
     `| The same GET to a pool of it and a healthy backend | ${pooledSent} request to the resetting one; ${pooled.status} from ${pooled.backend} after ${pooled.seconds.toFixed(2)} s | 1; the next backend's answer | ${pooledSent === 1 && pooled.status === 200 && pooled.backend === "secondary" ? "met" : "**not met**"} |`,
   ].join("\n");
   console.log(report);
-  const resultsPath = join(ROOT, "bench/RESULTS.md");
-  const previous = readFileSync(resultsPath, "utf8");
-  const section = `<!-- hostile-backends:start -->\n${report}\n<!-- hostile-backends:end -->`;
-  writeFileSync(
-    resultsPath,
-    previous.includes("<!-- hostile-backends:start -->")
-      ? previous.replace(/<!-- hostile-backends:start -->[\s\S]*<!-- hostile-backends:end -->/, section)
-      : previous.replace("<!-- results:end -->", `<!-- results:end -->\n\n### Failover under hostile backends (bench/hostile-backends.ts)\n\n${section}`),
-  );
+  writeResultsSection("hostile-backends", "Failover under hostile backends (bench/hostile-backends.ts)", report);
+
   entra.stop();
   if (!synMet || !resetMet) process.exitCode = 1;
 } finally {

@@ -12,10 +12,11 @@
  * Usage: bun bench/pool-load.ts   (POOL_LOAD_SECONDS=20, POOL_LOAD_CLIENTS=64)
  */
 import { createHash, randomBytes } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { benchEntra } from "./entra.ts";
+import { writeResultsSection } from "./results.ts";
 import { freePort, ROOT, waitForStatus } from "../test/harness.ts";
 import { parseExposition, valueOf } from "../test/prometheus.ts";
 
@@ -102,15 +103,8 @@ try {
     `| Failovers | ${failovers.toLocaleString("en-US")} throttled; primary answered ${answered.primary200.toLocaleString("en-US")} × 200 and ${answered.primary429.toLocaleString("en-US")} × 429, secondary ${answered.secondary.toLocaleString("en-US")} | |`,
   ].join("\n");
   console.log(report);
-  const resultsPath = join(ROOT, "bench/RESULTS.md");
-  const previous = readFileSync(resultsPath, "utf8");
-  const section = `<!-- pool-load:start -->\n${report}\n<!-- pool-load:end -->`;
-  writeFileSync(
-    resultsPath,
-    previous.includes("<!-- pool-load:start -->")
-      ? previous.replace(/<!-- pool-load:start -->[\s\S]*<!-- pool-load:end -->/, section)
-      : previous.replace("<!-- results:end -->", `<!-- results:end -->\n\n### Backend pool under load (bench/pool-load.ts)\n\n${section}`),
-  );
+  writeResultsSection("pool-load", "Backend pool under load (bench/pool-load.ts)", report);
+
   entra.stop();
   if (!ok) process.exitCode = 1;
 } finally {
