@@ -33,7 +33,7 @@ import { bypassProxyFor, createIdentity, describeTokenError, type HeldToken, typ
 import { COUNTED, countStatus, deploymentLabel, type Metrics, newMetrics, noteRateLimits, observe, renderMetrics, type RequestSeries, requestSeries, UNCOUNTED_SERIES, upstreamErrorReason } from "./src/metrics.ts";
 import { type Backend, buildRoutes, type FailoverReason, forwardedPath, matchRoute, type Route, type ScopeTokens, tokenManagers } from "./src/routes.ts";
 import { CALLER_KEYS_FILE_POLL_MS, CallerKeys, isWebSocketUpgrade, presentedCallerKey } from "./src/callers.ts";
-import { type Attempts, attemptsOutcome, backendPath, checkConnect, chooseBackend, connectTimedOut, failoverReason, type HeldBody, heldBodyBytes, holdBody, idempotent, noteBackendAnswer, REACHED_RECENTLY_MS, releaseHeldBody, SMALL_BODY_BYTES, STALLED } from "./src/pools.ts";
+import { type Attempts, attemptsOutcome, backendPath, checkConnect, chooseBackend, connectTimedOut, failoverReason, type HeldBody, heldBodyBytes, holdBody, idempotent, movesOnAfterFailure, noteBackendAnswer, REACHED_RECENTLY_MS, releaseHeldBody, SMALL_BODY_BYTES, STALLED } from "./src/pools.ts";
 import { countTokens, scannedUsage, scanUsageChunk, TOKENS_COUNTED, type Usage, usageEvents, usageInBody, type UsageScan, usageScanFor, usageScanned } from "./src/usage.ts";
 import { answered, idleTimerLifted, LIFT_IDLE_TIMER_AFTER_MS, liftIdleTimer, proxyError, putRouteFields, removeHopByHopHeaders, requestTarget, rewriteRequestHeaders, stalledUpload, unanswered } from "./src/http.ts";
 import { clientClosed, clientDrained, clientOpened, closeBoth, MAX_WEBSOCKET_FRAME_BYTES, type ProxyServer, type Relay, type RelaySession, relayToUpstream, relayWebSocket, WEBSOCKET_PING_SECONDS } from "./src/websocket.ts";
@@ -293,8 +293,7 @@ async function sendToBackends(req: Request, method: string, path: string, route:
         }
       } catch (error) {
         last = attemptFailed(req, route, backend, error, last.count + 1, names);
-        const reason = upstreamErrorReason(error, req.signal.aborted);
-        movingOn = req.signal.aborted ? undefined : reason === "connect" || reason === "tls" || idempotent(method) ? "unreachable" : undefined;
+        movingOn = movesOnAfterFailure(upstreamErrorReason(error, req.signal.aborted), method) ? "unreachable" : undefined;
       }
       if (movingOn === undefined || !replayable) return attemptsOutcome(last, throttled);
     }
@@ -359,7 +358,7 @@ function attemptFailed(req: Request, route: Route, backend: Backend, error: unkn
 }
 
 /** One forwarded request, the whole hot path: rewrite headers, send to the route's backends, strip the response's hop-by-hop headers, count, relay. */
-async function forward(req: Request, method: string, target: string, authorization: string, route: Route, server: ProxyServer): Promise<Response> {
+export async function forward(req: Request, method: string, target: string, authorization: string, route: Route, server: ProxyServer): Promise<Response> {
   const startedAt = performance.now();
   const metrics = route.metrics;
   const path = forwardedPath(route, target);

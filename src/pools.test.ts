@@ -291,6 +291,18 @@ describe("Backend pools", () => {
     silent.close();
   });
 
+  test("AUTH_PROXY_CONNECT_TIMEOUT bounds the connect to API_BASE_URL: a SYN-dropping upstream is a 502 after it, not after the kernel's retries", async () => {
+    const dark = await startBlackHole();
+    const proxy = await startProxy(baseEnv({ API_BASE_URL: `http://127.0.0.1:${dark.port}`, AUTH_PROXY_CONNECT_TIMEOUT: "1" }));
+    await proxy.waitForHealth();
+    const answer = await timedFetch(`${proxy.url}/openai/deployments/gpt-4o/chat/completions`, { method: "POST", body: "{}" });
+    expect(answer.status).toBe(502);
+    expect(answer.ms).toBeLessThan(1000 + 1500);
+    expect(JSON.parse(answer.body).error.message).toContain("no connection within 1 s (connect_timeout)");
+    await proxy.stop();
+    dark.close();
+  });
+
   test("a GET, PUT or DELETE is sent to each backend once however many pooled connections Bun holds: a hang-then-reset upstream gets it once, the client its 502 or the next backend's answer", async () => {
     const secondary = backend("resend-secondary");
     const methods = ["GET", "PUT", "DELETE"] as const;

@@ -8,7 +8,7 @@
  */
 import { log, MINUTE, SECOND } from "./log.ts";
 import { KEEP_ALIVE_IDLE_SECONDS } from "./config.ts";
-import { DEPLOYMENT_PREFIX, endsPathSegment } from "./metrics.ts";
+import { DEPLOYMENT_PREFIX, endsPathSegment, type UpstreamErrorReason } from "./metrics.ts";
 import { type Backend, type ConnectAddress, type ConnectCheck, type FailoverReason, type Route } from "./routes.ts";
 
 /** A backend rests this long after a connection failure, three 5xx in a row, or a 429 that names no time. */
@@ -65,6 +65,17 @@ export function chooseBackend(backends: Backend[], tried: number, nowMs: number)
 export function failoverReason(status: number): FailoverReason | undefined {
   if (status === 429) return "throttled";
   return status === 500 || status === 502 || status === 503 || status === 504 ? "server_error" : undefined;
+}
+
+/**
+ * Whether an attempt that got no answer moves the request on: a connection
+ * that failed before the request was sent (refused, DNS, TLS, connect
+ * timeout) always; a reset after it went out only for an idempotent method,
+ * as nginx's proxy_next_upstream does for non-idempotent requests (the
+ * backend may have acted on a POST it received whole).
+ */
+export function movesOnAfterFailure(reason: UpstreamErrorReason, method: string): boolean {
+  return reason === "connect" || reason === "tls" || (reason !== "client_abort" && idempotent(method));
 }
 
 /**
