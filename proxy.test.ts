@@ -23,9 +23,9 @@ import { validateWorkflow } from "@action-validator/core";
 import { AzureOpenAI } from "openai";
 import packageJson from "./package.json" with { type: "json" };
 import { backoffDelay, MAX_TOKEN_LIFETIME_MS, MIN_TOKEN_REQUEST_INTERVAL_MS, nextCollectionMark, refreshDelay } from "./proxy.ts";
-import { KEEP_ALIVE_IDLE_SECONDS, loadConfig, parseRoutes } from "./src/config.ts";
+import { configurationWarnings, KEEP_ALIVE_IDLE_SECONDS, loadConfig, parseRoutes } from "./src/config.ts";
 import { WEBSOCKET_PING_SECONDS } from "./src/websocket.ts";
-import { appCertificate, baseEnv, certs, CLIENT_ID, describeSecrets, entra, lastReceived, readJson, realtime, rejection, resetEntra, thumbprintOf, upstream, useSuite, waitFor } from "./test/suite.ts";
+import { appCertificate, baseEnv, certs, CLIENT_ID, describeSecrets, entra, lastReceived, readJson, realtime, rejection, resetEntra, SEARCH_SCOPE, thumbprintOf, upstream, useSuite, waitFor } from "./test/suite.ts";
 import { type AppRegistration, patternBytes, ScriptedBackend } from "./test/fakes.ts";
 import { freePort, type LogLine, memoryKiB, ROOT, spawnProxy, startProxy, type ProxyProcess } from "./test/harness.ts";
 import { chunkedBodyReader, idleCloseAfterResponse, openStream, rawRequest, readSlowly, stalledUpload } from "./test/http.ts";
@@ -962,17 +962,19 @@ describe("Token lifecycle", () => {
 
 
 describe("Admin listener", () => {
-  test("ADMIN_PORT serves /health, /live and /metrics; anything else is 404 and never reaches the upstream", async () => {
+  test("ADMIN_PORT serves /health, /ready, /live and /metrics; anything else is 404 and never reaches the upstream", async () => {
     const adminPort = freePort();
     const proxy = await startProxy(baseEnv({ ADMIN_PORT: String(adminPort), ADMIN_HOST: "127.0.0.1" }));
     await proxy.waitForHealth();
     const admin = `http://127.0.0.1:${adminPort}`;
     expect(await (await fetch(`${admin}/health`)).json()).toEqual({ status: "ok" });
     expect(await (await fetch(`${admin}/live`)).json()).toEqual({ status: "ok" });
+    expect(await (await fetch(`${admin}/ready`)).json()).toEqual({ status: "ok" });
+    expect((await fetch(`${admin}/ready`, { method: "HEAD" })).status).toBe(200);
     expect((await fetch(`${admin}/metrics`)).status).toBe(200);
     expect((await fetch(`${admin}/health`, { method: "HEAD" })).status).toBe(200);
     const receivedBefore = upstream.received.length;
-    for (const [method, path] of [["GET", "/openai/models"], ["POST", "/openai/deployments/gpt-4o/chat/completions"], ["POST", "/health"], ["GET", "/metrics?x"], ["GET", "/"]]) {
+    for (const [method, path] of [["GET", "/openai/models"], ["POST", "/openai/deployments/gpt-4o/chat/completions"], ["POST", "/health"], ["POST", "/ready"], ["GET", "/metrics?x"], ["GET", "/"]]) {
       const response = await fetch(`${admin}${path}`, { method: method!, body: method === "POST" ? "{}" : undefined });
       expect(response.status).toBe(404);
       expect((await readJson(response)).error.code).toBe("not_found");
@@ -1008,13 +1010,53 @@ describe("Admin listener", () => {
     proxy.proc.kill("SIGTERM");
     await proxy.waitForLog((line) => line.msg === "shutting down");
     expect(await probe("/health")).toBe(503);
+    expect(await probe("/ready")).toBe(503);
     while (!(await reader.read()).done);
     expect(await proxy.exited).toBe(0);
     expect(await probe("/live")).toBeUndefined();
   }, 40_000);
 
+  test("gateway.yaml's probes, driven as kubelet would with its own routes file while Entra ID refuses the search scope: the pod stays running and ready, /search answers 503 naming the scope, the OpenAI route serves", async () => {
+    const docs = ([] as any[]).concat(Bun.YAML.parse(readFileSync(join(ROOT, "deploy/kubernetes/gateway.yaml"), "utf8")));
+    const deployment = docs.find((doc) => doc.kind === "Deployment");
+    const container = deployment.spec.template.spec.containers.find((c: any) => c.name === "auth-proxy");
+    const manifestEnv = Object.fromEntries(container.env.map((e: any) => [e.name, e.value]));
+    // Its routes file as shipped, each backend URL pointed at the fake Azure OpenAI.
+    const shipped = docs.find((doc) => doc.kind === "ConfigMap").data["routes.yaml"] as string;
+    const routesFile = certs.write("gateway-routes.yaml", shipped.replace(/url: https:\/\/\S+/g, `url: ${upstream.url}`));
+    const key = randomBytes(16).toString("hex");
+    const adminPort = freePort();
+    entra.refusedScopes.add(SEARCH_SCOPE);
+    try {
+      const proxy = await startProxy(
+        baseEnv({ API_BASE_URL: undefined, AUTH_PROXY_ROUTES: routesFile, PROXY_API_KEYS_FILE: certs.write("gateway-keys", `${key}\n`), ADMIN_PORT: String(adminPort), ADMIN_HOST: "127.0.0.1", SHUTDOWN_TIMEOUT: manifestEnv.SHUTDOWN_TIMEOUT }),
+      );
+      await proxy.waitForLog((line) => line.msg === "token acquisition failed" && line.scope === SEARCH_SCOPE);
+      await proxy.waitForLog((line) => line.msg === "token acquired");
+      const probeStatus = async (probe: any) => (await fetch(`http://127.0.0.1:${adminPort}${probe.httpGet.path}`)).status;
+      // kubelet counts 200-399 as success: every probe the manifest declares passes, for the whole failureThreshold window and beyond.
+      const probes = [container.startupProbe, container.readinessProbe, container.livenessProbe].filter(Boolean);
+      expect(probes.length).toBeGreaterThanOrEqual(2);
+      for (let poll = 0; poll < 5; poll += 1) {
+        for (const probe of probes) expect(await probeStatus(probe)).toBe(200);
+        await Bun.sleep(200);
+      }
+      expect((await fetch(`http://127.0.0.1:${adminPort}/health`)).status).toBe(503);
+      const headers = { "api-key": key };
+      const refused = await fetch(`${proxy.url}/search/indexes?api-version=2024-07-01`, { headers });
+      expect(refused.status).toBe(503);
+      expect((await readJson(refused)).error.message).toContain(SEARCH_SCOPE);
+      const served = await fetch(`${proxy.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21`, { method: "POST", headers, body: "{}" });
+      expect(served.status).toBe(200);
+      await served.text();
+      await proxy.stop();
+    } finally {
+      entra.refusedScopes.clear();
+    }
+  }, 30_000);
+
   test("the manifests probe the admin port over HTTP and keep the proxy on loopback", () => {
-    for (const file of ["native-sidecar.yaml", "classic-sidecar.yaml", "workload-identity.yaml"].filter((name) => existsSync(join(ROOT, "deploy/kubernetes", name)))) {
+    for (const file of ["native-sidecar.yaml", "classic-sidecar.yaml", "workload-identity.yaml", "routes-sidecar.yaml"].filter((name) => existsSync(join(ROOT, "deploy/kubernetes", name)))) {
       const docs = ([] as any[]).concat(Bun.YAML.parse(readFileSync(join(ROOT, "deploy/kubernetes", file), "utf8")));
       const deployment = docs.find((doc) => doc.kind === "Deployment");
       const proxy = [...(deployment.spec.template.spec.initContainers ?? []), ...deployment.spec.template.spec.containers].find((c: any) => c.name === "auth-proxy");
@@ -1266,15 +1308,16 @@ describe("Deployment artifacts", () => {
   test("the app's environment works for LiteLLM and the OpenAI SDKs alike, and keeps localhost off any outbound proxy", () => {
     for (const { file, doc } of sidecars) {
       const app = doc.spec.template.spec.containers.find((container: any) => container.name === "app");
+      const searchToo = file === "routes-sidecar.yaml" ? ["AZURE_SEARCH_ENDPOINT"] : [];
       expect(Object.keys(envOf(app)).sort(), file).toEqual(
-        ["AZURE_API_BASE", "AZURE_API_KEY", "AZURE_API_VERSION", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", "NO_PROXY", "OPENAI_API_VERSION"].sort(),
+        ["AZURE_API_BASE", "AZURE_API_KEY", "AZURE_API_VERSION", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", "NO_PROXY", "OPENAI_API_VERSION", ...searchToo].sort(),
       );
       expect(envOf(app).AZURE_OPENAI_ENDPOINT).toBe("http://127.0.0.1:8080");
     }
   });
 
   test("every Kubernetes manifest validates against the Kubernetes OpenAPI schemas", () => {
-    expect(deployments.map(({ file }) => file).sort()).toEqual(["classic-sidecar.yaml", "gateway.yaml", "native-sidecar.yaml", "workload-identity.yaml"]);
+    expect(deployments.map(({ file }) => file).sort()).toEqual(["classic-sidecar.yaml", "gateway.yaml", "native-sidecar.yaml", "routes-sidecar.yaml", "workload-identity.yaml"]);
     const models: Record<string, new (doc: any) => { validate(): void }> = { Deployment, Secret, ServiceAccount, ConfigMap, Service, PodDisruptionBudget, HorizontalPodAutoscaler, NetworkPolicy };
     for (const { file, doc } of manifests) {
       const model = models[doc.kind] === undefined ? undefined : new models[doc.kind]!(doc);
@@ -1302,7 +1345,7 @@ describe("Deployment artifacts", () => {
       const env = envOf(proxy);
       expect(env.HOST).toBe(file === "gateway.yaml" ? "0.0.0.0" : "127.0.0.1");
       // kubelet's HTTP probes reach the pod IP, never 127.0.0.1: every probe goes to the admin listener.
-      for (const probe of [proxy.readinessProbe, proxy.livenessProbe, proxy.startupProbe]) expect(probe.httpGet.port).toBe("admin");
+      for (const probe of [proxy.readinessProbe, proxy.livenessProbe, proxy.startupProbe].filter(Boolean)) expect(probe.httpGet.port).toBe("admin");
       expect(env.ADMIN_HOST ?? "0.0.0.0").toBe("0.0.0.0");
       expect(pod.terminationGracePeriodSeconds).toBeGreaterThan(Number(env.SHUTDOWN_TIMEOUT ?? 25) + (proxy.lifecycle?.preStop?.sleep?.seconds ?? 0));
       for (const mount of proxy.volumeMounts ?? []) expect(mount.readOnly).toBe(true);
@@ -1347,6 +1390,41 @@ describe("Deployment artifacts", () => {
     expect(faults).toEqual([]);
     expect(routes.map((route) => route.prefix)).toEqual(["/search", "/"]);
     expect(env.API_BASE_URL).toBeUndefined();
+    expect(configurationWarnings({ routes, routesFile: env.AUTH_PROXY_ROUTES, authMode: "workload-identity", certificatePath: "", certificatePathSource: "" })).toEqual([]);
+    // "The second when the first throttles": the file says so with priorities, not by spreading.
+    expect(routes[1]!.backends.map((backend) => [backend.name, backend.priority])).toEqual([["eastus2", 1], ["swedencentral", 2]]);
+    // Readiness while any route serves; no startupProbe to restart it through an Entra ID outage; the minimum version preStop.sleep needs is said.
+    expect(proxy.readinessProbe.httpGet).toEqual({ path: "/ready", port: "admin" });
+    expect(proxy.startupProbe).toBeUndefined();
+    expect(proxy.lifecycle.preStop.sleep.seconds).toBeGreaterThan(0);
+    expect(readFileSync(join(ROOT, "deploy/kubernetes/gateway.yaml"), "utf8")).toContain("Needs Kubernetes >= 1.30 (lifecycle.preStop.sleep");
+    expect(pod.metadata.labels["auth-proxy"]).toBe("gateway");
+  });
+
+  test("the sidecar with a routes file: workload identity, the ConfigMap mounted as a folder where AUTH_PROXY_ROUTES points, routes the proxy accepts with each service's scope, the app gated on every scope's token", () => {
+    const docs = manifests.filter(({ file }) => file === "routes-sidecar.yaml").map(({ doc }) => doc);
+    const of = (kind: string) => docs.find((doc) => doc.kind === kind);
+    const deployment = of("Deployment");
+    const pod = deployment.spec.template;
+    expect(pod.spec.serviceAccountName).toBe(of("ServiceAccount").metadata.name);
+    expect(of("ServiceAccount").metadata.annotations["azure.workload.identity/client-id"]).toMatch(/^[0-9a-f-]{36}$/);
+    expect(pod.metadata.labels["azure.workload.identity/use"]).toBe("true");
+    const proxy = proxyOf(deployment);
+    expect(pod.spec.initContainers).toContain(proxy);
+    const env = envOf(proxy);
+    expect(env.API_BASE_URL).toBeUndefined();
+    expect(env.AZURE_AUTH_MODE).toBe("workload-identity");
+    const volume = pod.spec.volumes.find((volume: any) => volume.configMap?.name === of("ConfigMap").metadata.name);
+    const mount = proxy.volumeMounts.find((mount: any) => mount.name === volume.name);
+    // A folder, never subPath: a subPath mount never sees the ConfigMap change.
+    expect(mount.subPath).toBeUndefined();
+    expect(env.AUTH_PROXY_ROUTES).toBe(`${mount.mountPath}/routes.yaml`);
+    const { routes, faults } = parseRoutes(of("ConfigMap").data["routes.yaml"], "https://cognitiveservices.azure.com/.default");
+    expect(faults).toEqual([]);
+    expect(routes.map((route) => [route.prefix, route.scope])).toEqual([["/search", "https://search.azure.com/.default"], ["/", "https://cognitiveservices.azure.com/.default"]]);
+    expect(configurationWarnings({ routes, routesFile: env.AUTH_PROXY_ROUTES, authMode: "workload-identity", certificatePath: "", certificatePathSource: "" })).toEqual([]);
+    expect(proxy.startupProbe.httpGet).toEqual({ path: "/health", port: "admin" });
+    expect(readFileSync(join(ROOT, "deploy/kubernetes/routes-sidecar.yaml"), "utf8")).toContain("kubectl rollout restart deployment/rag-app");
   });
 
   test("the workload-identity variant: an annotated ServiceAccount, the webhook's pod label, no certificate, and the webhook's variables choose the mode", () => {
@@ -1382,7 +1460,7 @@ describe("Deployment artifacts", () => {
     expect(rule).toMatchObject({ apiVersion: "monitoring.coreos.com/v1", kind: "PrometheusRule" });
     const alerts = rule.spec.groups.flatMap((group: any) => group.rules.filter((r: any) => r.alert).map((r: any) => r.alert));
     const records = rule.spec.groups.flatMap((group: any) => group.rules.filter((r: any) => r.record).map((r: any) => r.record));
-    expect(records).toEqual(["job_deployment_model_type:auth_proxy_model_tokens:per_minute_rate5m"]);
+    expect(records).toEqual(["namespace_job_deployment_model_type:auth_proxy_model_tokens:per_minute_rate5m"]);
     expect(alerts).toEqual(["AuthProxyNoToken", "AuthProxyTokenRefreshFailing", "AuthProxyCertificateExpiringSoon", "AuthProxyUpstream5xxRatio", "AuthProxyUpstreamErrors", "AuthProxyBackendResting"]);
     const dir = join(certs.dir, "rules");
     mkdirSync(dir, { recursive: true });
@@ -1421,11 +1499,84 @@ describe("Deployment artifacts", () => {
     const monitor = Bun.YAML.parse(readFileSync(join(ROOT, "deploy/monitoring/pod-monitor.yaml"), "utf8")) as any;
     expect(monitor.kind).toBe("PodMonitor");
     expect(monitor.spec.podMetricsEndpoints).toEqual([{ port: "admin", path: "/metrics", interval: "30s" }]);
-    // Every manifest's pods are selected, the classic sidecar's too.
+    // Every manifest's pods are selected, the classic sidecar's and the gateway's too, each named as what it is.
+    const [expression, ...more] = monitor.spec.selector.matchExpressions;
+    expect(more).toEqual([]);
+    expect(monitor.spec.selector.matchLabels).toBeUndefined();
+    expect(expression.operator).toBe("In");
     for (const { file, doc } of deployments) {
       const labels = doc.spec.template.metadata.labels;
-      for (const [key, value] of Object.entries(monitor.spec.selector.matchLabels)) expect(labels[key], file).toBe(value);
+      expect(expression.values, file).toContain(labels[expression.key]);
+      expect(labels[expression.key], file).toBe(file === "gateway.yaml" ? "gateway" : "sidecar");
+      // Each app its own job: the label the job is read from names the app in every pod template.
+      expect(labels[monitor.spec.jobLabel], file).toBe(doc.metadata.labels["app.kubernetes.io/name"]);
     }
+    // Pods in every namespace, as the README says.
+    expect(monitor.spec.namespaceSelector).toEqual({ any: true });
+  });
+
+  test("the dashboard's token panel shows each scope (0 for one without a token), its rate-limit panel each backend and deployment, and its apps panel each app (promtool evaluates the panels' queries)", async () => {
+    const dashboard = JSON.parse(readFileSync(join(ROOT, "deploy/monitoring/grafana-dashboard.json"), "utf8"));
+    const queryOf = (title: string) => {
+      const panel = dashboard.panels.find((panel: any) => panel.title.startsWith(title));
+      expect(panel, title).toBeDefined();
+      // Every variable at its "All", as Grafana sends it.
+      return panel.targets[0].expr.replaceAll("$namespace", ".*").replaceAll("$job", ".*").replaceAll("$instance", ".*").replaceAll("$__rate_interval", "5m");
+    };
+    expect(dashboard.templating.list.map((variable: any) => variable.name)).toEqual(["datasource", "namespace", "job", "instance"]);
+    const gateway = 'namespace="ai",job="auth-proxy-gateway",instance="gw"';
+    const openaiScope = 'scope="https://cognitiveservices.azure.com/.default"';
+    const searchScope = 'scope="https://search.azure.com/.default"';
+    const unitTest = {
+      rule_files: [],
+      evaluation_interval: "1m",
+      tests: [
+        {
+          interval: "1m",
+          input_series: [
+            { series: `auth_proxy_token_acquisitions_total{${gateway},${openaiScope},result="failure"}`, values: "0x10" },
+            { series: `auth_proxy_token_expiration_timestamp_seconds{${gateway},${openaiScope}}`, values: "3900x10" },
+            { series: `auth_proxy_token_acquisitions_total{${gateway},${searchScope},result="failure"}`, values: "0+1x10" },
+            { series: `auth_proxy_upstream_ratelimit_remaining{${gateway},route="/",backend="eastus2",deployment="gpt-4o",kind="tokens"}`, values: "1000x10" },
+            { series: `auth_proxy_upstream_ratelimit_remaining{${gateway},route="/",backend="swedencentral",deployment="gpt-4o",kind="tokens"}`, values: "50x10" },
+            { series: `auth_proxy_model_tokens_total{namespace="team-a",job="app",instance="a",deployment="gpt-4o",model="m",type="input"}`, values: "0+600x10" },
+            { series: `auth_proxy_model_tokens_total{namespace="team-b",job="app",instance="b",deployment="gpt-4o",model="m",type="input"}`, values: "0+60x10" },
+          ],
+          promql_expr_test: [
+            {
+              expr: queryOf("Token expires in"),
+              eval_time: "5m",
+              exp_samples: [
+                { labels: `{${openaiScope}}`, value: 3600 },
+                { labels: `{${searchScope}}`, value: 0 },
+              ],
+            },
+            {
+              expr: queryOf("Rate limit remaining"),
+              eval_time: "5m",
+              exp_samples: [
+                { labels: '{route="/",backend="eastus2",deployment="gpt-4o",kind="tokens"}', value: 1000 },
+                { labels: '{route="/",backend="swedencentral",deployment="gpt-4o",kind="tokens"}', value: 50 },
+              ],
+            },
+            {
+              expr: queryOf("Tokens per minute by app"),
+              eval_time: "10m",
+              exp_samples: [
+                { labels: '{namespace="team-a",job="app"}', value: 600 },
+                { labels: '{namespace="team-b",job="app"}', value: 60 },
+              ],
+            },
+          ],
+        },
+      ],
+    };
+    const dir = join(certs.dir, "dashboard");
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, "panels.test.yaml"), JSON.stringify(unitTest));
+    const tested = await promtool(["test", "rules", join(dir, "panels.test.yaml")]);
+    expect(tested.output).toContain("SUCCESS");
+    expect(tested.exitCode).toBe(0);
   });
 
   test("the Dockerfile builds with the pinned Bun, the shared build script and rootfs layout, and runs as uid 65532", () => {
@@ -1523,6 +1674,43 @@ describe("Documentation", () => {
       const text = readFileSync(join(ROOT, "deploy/kubernetes", file), "utf8");
       expect(text.match(/\d[\d,.]*\s?(MB|req\/s)\b/g), file).toBeNull();
     }
+  });
+
+  test("the table of contents names every section and each link reaches a heading, as GitHub makes its anchors", () => {
+    const readme = readFileSync(join(ROOT, "README.md"), "utf8");
+    const outsideCode = readme.replace(/```[\s\S]*?```/g, "");
+    const headings = [...outsideCode.matchAll(/^(##|###) (.+)$/gm)].map(([, , title]) => title!).filter((title) => title !== "Contents");
+    const anchorOf = (title: string) => title.trim().toLowerCase().replace(/[^\w\- ]/g, "").replaceAll(" ", "-");
+    const contents = section(readme, "## Contents");
+    const links = [...contents.matchAll(/\[([^\]]+)\]\(#([^)]+)\)/g)].map(([, title, anchor]) => ({ title: title!, anchor: anchor! }));
+    expect(links.map((link) => link.title)).toEqual(headings);
+    for (const link of links) expect(link.anchor, link.title).toBe(anchorOf(link.title));
+    expect(readme.indexOf("## Contents")).toBeLessThan(readme.indexOf("## Try it, test it"));
+  });
+
+  test("the README's commands are the ones that run: Run uses make run or npx bun (Bun is not on PATH after the set-up), the systemd section runs --check as the unit's user with its environment file", async () => {
+    const readme = readFileSync(join(ROOT, "README.md"), "utf8");
+    const run = section(readme, "## Run");
+    const runCommands = run.match(/```sh\n([\s\S]*?)```/)![1]!;
+    expect(runCommands).not.toMatch(/(?<!npx )\bbun proxy\.ts/);
+    expect(runCommands).toContain("make run");
+    expect(runCommands).toContain("npx bun proxy.ts");
+    // `make run` is a target that installs first; `npx bun` finds the pinned Bun in node_modules/.bin.
+    const dryRun = Bun.spawnSync(["make", "-n", "run"], { cwd: ROOT });
+    expect(dryRun.exitCode).toBe(0);
+    expect(dryRun.stdout.toString()).toContain("proxy.ts");
+    const npx = Bun.spawnSync(["npx", "--no-install", "bun", "--version"], { cwd: ROOT });
+    expect(npx.stdout.toString().trim()).toBe(packageJson.devDependencies.bun);
+    const unit = readFileSync(join(ROOT, "deploy/auth-proxy.service"), "utf8");
+    const user = unit.match(/^User=(.+)$/m)![1]!;
+    const environmentFile = unit.match(/^EnvironmentFile=(.+)$/m)![1]!;
+    const systemd = section(readme, "### Binary on a VM (systemd)");
+    const check = systemd.split("\n").find((line) => line.includes("--check"))!;
+    expect(check).toContain(`--uid=${user}`);
+    expect(check).toContain(`EnvironmentFile=${environmentFile}`);
+    expect(check).toContain(unit.match(/^ExecStart=(.+)$/m)![1]!);
+    expect(systemd).toContain("AUTH_PROXY_ROUTES=/etc/auth-proxy/routes.yaml");
+    expect(unit).toContain("--check");
   });
 
   test("LICENSE says what package.json and the image labels say (MIT); a CHANGELOG exists", () => {

@@ -28,7 +28,7 @@
 import arg from "arg";
 import { readFileSync } from "node:fs";
 import { ABORTED_END, ACCESS_LINE_BYTES, accessLogEnabled, BYTES_IN, BYTES_OUT, CLIENT_REQUEST_ID, deferredLines, DEPLOYMENT, errorMessage, flushLogAtExit, LINE_END, log, MINUTE, MODEL, openLogOutput, pathOf, putAccessLineHead, putBytes, putIntegerField, putMillisField, putStringField, REQUEST_ID, reserveLog, SECOND, setLogLevel, TRUNCATED_END, TTFB_MS, UPSTREAM_MS, USAGE_FIELDS } from "./src/log.ts";
-import { type Config, type Environment, type Flags, KEEP_ALIVE_IDLE_SECONDS, loadConfig, outboundProxyFor, proxyAddress, readSetting, VERSION } from "./src/config.ts";
+import { type Config, configurationWarnings, type Environment, type Flags, KEEP_ALIVE_IDLE_SECONDS, loadConfig, outboundProxyFor, proxyAddress, readSetting, VERSION } from "./src/config.ts";
 import { bypassProxyFor, createIdentity, describeTokenError, type HeldToken, type Identity, tokenEndpoint, watchCertificateExpiry } from "./src/identity.ts";
 import { COUNTED, countStatus, deploymentLabel, type Metrics, newMetrics, noteRateLimits, observe, renderMetrics, type RequestSeries, requestSeries, UNCOUNTED_SERIES, upstreamErrorReason } from "./src/metrics.ts";
 import { type Backend, buildRoutes, type FailoverReason, forwardedPath, matchRoute, type Route, type ScopeTokens, tokenManagers } from "./src/routes.ts";
@@ -115,6 +115,8 @@ export class TokenManager {
   acquisitionsSucceeded = 0;
   acquisitionsFailed = 0;
   lastSuccessAtMs: number | undefined;
+  /** The prefixes of the routes this scope's token serves, for log lines and /ready. */
+  readonly routePrefixes: string[] = [];
 
   /**
    * `labelled` (a routes file): the scope is named in log lines, /health's
@@ -213,7 +215,7 @@ export class TokenManager {
         ...this.identity.describe(),
         attempt: this.failures,
         retry_in_s: Math.round(delay / 100) / 10,
-        serving: tokenStillValid ? "current token still valid" : "no valid token: requests get 503",
+        serving: tokenStillValid ? "current token still valid" : this.labelled ? `no valid token: routes ${this.routePrefixes.join(", ")} answer 503` : "no valid token: requests get 503",
       });
     }
   }
@@ -401,7 +403,7 @@ export async function forward(req: Request, method: string, target: string, auth
   if (response.status === 401) route.tokens.refreshAfterUnauthorized();
   const headers = response.headers;
   removeHopByHopHeaders(headers);
-  if (COUNTED) noteRateLimits(metrics, headers);
+  if (COUNTED) noteRateLimits(attempts.backend!.rateLimits, series.deployment, headers);
   metrics.requestBytes += bytesIn;
   const exchange: Exchange = {
     req,
@@ -715,6 +717,7 @@ export function startProxy(config: Config, identity: Identity): RunningProxy {
   const metrics = newMetrics();
   const routes = buildRoutes(config, (scope, labelled) => new TokenManager(identity, scope, labelled), metrics, process.env);
   const callerKeys = config.callerKeys === undefined ? undefined : new CallerKeys(config.callerKeys);
+  for (const route of routes) route.tokens.routePrefixes.push(route.prefix);
   const state: ProxyState = { config, identity, metrics, routes, tokens: tokenManagers(routes), relay: { sessions: new Set(), metrics, onIdle: undefined }, callerKeys, draining: false };
   const server = listen(`${config.host}:${config.port}`, () => Bun.serve<RelaySession>(mainListener(state)));
   // kubelet's httpGet probes and Prometheus reach the pod IP while the proxy itself stays on 127.0.0.1.
@@ -735,10 +738,11 @@ function tokenUnavailableReason(state: ProxyState, manager: ScopeTokens): string
   return state.tokens.length > 1 ? `no token for ${manager.scope}: ${manager.unavailableReason()}` : manager.unavailableReason();
 }
 
-/** /health, /live and /metrics, exact paths, GET or HEAD: the proxy's own, on both listeners. */
+/** /health, /ready, /live and /metrics, exact paths, GET or HEAD: the proxy's own, on both listeners. */
 function ownEndpoint(state: ProxyState, method: string, target: string): Response | undefined {
   if (target.length > 8 || (method !== "GET" && method !== "HEAD")) return undefined;
   if (target === "/health") return health(state, method);
+  if (target === "/ready") return ready(state, method);
   if (target === "/live") return new Response(method === "HEAD" ? null : '{"status":"ok"}', { headers: JSON_HEADERS });
   if (target === "/metrics") return metricsPage(state, method);
   return undefined;
@@ -751,6 +755,20 @@ function health(state: ProxyState, method: string): Response {
   const reason = state.draining ? "shutting down" : missing.length === 0 ? undefined : missing.map((manager) => tokenUnavailableReason(state, manager)).join("; ");
   const body = reason === undefined ? '{"status":"ok"}' : JSON.stringify({ status: "unavailable", reason });
   return new Response(method === "HEAD" ? null : body, { status: reason === undefined ? 200 : 503, headers: JSON_HEADERS });
+}
+
+/**
+ * Ready while any route can serve: a gateway's readiness, where one scope
+ * without a token must not take the other routes out of the Service (its
+ * routes answer 503 naming it). 200 `degraded` names what does not serve.
+ */
+function ready(state: ProxyState, method: string): Response {
+  const now = Date.now();
+  const missing = state.tokens.filter((manager) => manager.usable(now) === undefined);
+  const serving = !state.draining && missing.length < state.tokens.length;
+  const reason = state.draining ? "shutting down" : missing.map((manager) => `${tokenUnavailableReason(state, manager)} (routes ${manager.routePrefixes.join(", ")} answer 503)`).join("; ");
+  const body = reason === "" ? '{"status":"ok"}' : JSON.stringify({ status: serving ? "degraded" : "unavailable", reason });
+  return new Response(method === "HEAD" ? null : body, { status: serving ? 200 : 503, headers: JSON_HEADERS });
 }
 
 function metricsPage({ metrics, routes, tokens, identity, relay }: ProxyState, method: string): Response {
@@ -838,7 +856,7 @@ function adminListener(state: ProxyState): import("bun").Serve.Options<undefined
     port: state.config.adminPort,
     idleTimeout: KEEP_ALIVE_IDLE_SECONDS,
     development: false,
-    fetch: (req) => ownEndpoint(state, req.method, requestTarget(req.url)) ?? proxyError(404, "not_found", "the admin listener serves only /health, /live and /metrics"),
+    fetch: (req) => ownEndpoint(state, req.method, requestTarget(req.url)) ?? proxyError(404, "not_found", "the admin listener serves only /health, /ready, /live and /metrics"),
   };
 }
 
@@ -911,7 +929,7 @@ Flags override the environment variables named beside them:
   --scope <scope>           AZURE_SCOPE              (https://cognitiveservices.azure.com/.default)
   --authority-host <url>    AZURE_AUTHORITY_HOST     (https://login.microsoftonline.com)
   --log-level <level>       LOG_LEVEL                debug, info, warn, error (info)
-  --admin-port <n>          ADMIN_PORT               second listener for /health, /live, /metrics only (none)
+  --admin-port <n>          ADMIN_PORT               second listener for /health, /ready, /live, /metrics only (none)
   --admin-host <addr>       ADMIN_HOST               its address (0.0.0.0)
   --check                   acquire one token, print a JSON summary, exit 0 (or 1 and why)
   --healthcheck             GET /health of the running proxy (HOST, PORT): exit 0 if 200, else 1
@@ -928,7 +946,8 @@ Environment only:
   PROXY_API_KEYS, PROXY_API_KEYS_FILE  keys callers must send as api-key or Bearer (off)
   NODE_EXTRA_CA_CERTS, HTTPS_PROXY, NO_PROXY  as usual
 
-Endpoints: /health (200 with a valid token, else 503), /live, /metrics (Prometheus); everything else is forwarded,
+Endpoints: /health (200 with a token for every route, else 503), /ready (200 while any route has one: a gateway's
+readiness), /live, /metrics (Prometheus); everything else is forwarded,
 WebSocket upgrades (the Realtime API) relayed with the token in the upstream handshake.
 `;
 
@@ -1043,15 +1062,15 @@ function outboundProxySummary(config: Config): Record<string, string> {
   return { outbound_proxy_token: token === undefined ? "none" : proxyAddress(token), outbound_proxy_upstream: upstream.length === 0 ? "none" : upstream.join(", ") };
 }
 
-/** With a routes file: each route's prefix, scope and backends' origins, for the startup line and --check. */
+/** Where requests go, each backend's whole URL (its path is part of every forwarded path), for the startup line and --check. */
 function routesSummary(config: Config): Record<string, unknown> {
   if (config.routesFile === undefined) {
     const backends = config.routes[0]!.backends;
-    return { upstream: backends[0]!.origin, backends: backends.length > 1 ? backends.map((backend) => backend.url) : undefined };
+    return { upstream: backends[0]!.url, backends: backends.length > 1 ? backends.map((backend) => backend.url) : undefined };
   }
   return {
     routes_file: config.routesFile,
-    routes: config.routes.map((route) => ({ prefix: route.prefix, scope: route.scope, backends: route.backends.map((backend) => backend.origin) })),
+    routes: config.routes.map((route) => ({ prefix: route.prefix, scope: route.scope, backends: route.backends.map((backend) => backend.url) })),
   };
 }
 
@@ -1059,6 +1078,9 @@ function routesSummary(config: Config): Record<string, unknown> {
 export async function check(config: Config, identity: Identity): Promise<never> {
   const scopes = [...new Set(config.routes.map((route) => route.scope))];
   let scope = scopes[0]!;
+  // On stderr, beside the report or the failure: a wrong scope still gets a token, and fails only at the API.
+  const warnings = configurationWarnings(config);
+  for (const warning of warnings) process.stderr.write(`auth-proxy: warning: ${warning}\n`);
   try {
     const expiries: Record<string, string> = {};
     for (scope of scopes) expiries[scope] = new Date(checkTokenLifetime(await identity.requestToken(scope), Date.now()).expiresOnMs).toISOString();
@@ -1069,6 +1091,7 @@ export async function check(config: Config, identity: Identity): Promise<never> 
       ...(scopes.length === 1 ? { scope, token_expires_on: expiries[scope] } : {}),
       ...(config.routesFile === undefined ? {} : { scopes: expiries, ...routesSummary(config) }),
       token_endpoint: config.authMode === "managed-identity" ? undefined : tokenEndpoint(config),
+      warnings: warnings.length > 0 ? warnings : undefined,
     };
     process.stdout.write(JSON.stringify(report, null, 2) + "\n");
     process.exit(0);
@@ -1134,11 +1157,7 @@ export async function main(argv: string[]): Promise<void> {
     admin_listen: proxy.admin === undefined ? undefined : `${config.adminHost}:${proxy.admin.port}`,
     caller_keys: config.callerKeys === undefined ? "off" : "file" in config.callerKeys ? "PROXY_API_KEYS_FILE" : "PROXY_API_KEYS",
   });
-  for (const backend of config.routes.flatMap((route) => route.backends)) {
-    if (backend.url.startsWith("http:") && !/^http:\/\/(localhost|127\.|\[::1\])/.test(backend.url)) {
-      log("warn", `${config.routesFile === undefined ? "API_BASE_URL" : `backend ${backend.origin}`} is plain http: the bearer token crosses the network unencrypted`);
-    }
-  }
+  for (const warning of configurationWarnings(config)) log("warn", warning);
 }
 
 if (import.meta.main) void main(process.argv.slice(2));

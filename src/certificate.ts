@@ -7,7 +7,7 @@
  */
 import { createPrivateKey, createPublicKey, X509Certificate, type KeyObject } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { errorMessage } from "./log.ts";
+import { errorMessage, unreadableReason } from "./log.ts";
 import { type Config } from "./config.ts";
 
 export interface Credential {
@@ -118,8 +118,6 @@ export function readCredentialFile(variable: string, file: string): string {
   try {
     return readFileSync(file, "utf8");
   } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    const reason = code === "ENOENT" ? "no such file" : code === "EACCES" ? "permission denied" : code === "EISDIR" ? "is a directory" : errorMessage(error);
-    throw new CredentialError(`${variable}=${file} cannot be read (${reason})`);
+    throw new CredentialError(`${variable}=${file} cannot be read (${unreadableReason(error)})`);
   }
 }

@@ -4,9 +4,9 @@
  * src/config.ts called directly.
  */
 import { describe, expect, test } from "bun:test";
-import { existsSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { loadConfig, outboundProxyFor, parseRoutes } from "../src/config.ts";
+import { configurationWarnings, loadConfig, outboundProxyFor, parseRoutes } from "../src/config.ts";
 import { freePort, ROOT, spawnProxy, startProxy } from "../test/harness.ts";
 import { startConnectProxy } from "../test/http.ts";
 import { appCertificate, baseEnv, certs, CLIENT_ID, describeSecrets, entra, OPENAI_SCOPE, PASSWORD, readJson, resetEntra, useSuite } from "../test/suite.ts";
@@ -29,7 +29,7 @@ describe("Startup", () => {
   }
 
   test("missing variables are all listed at once", async () => {
-    const stderr = await expectConfigError({}, ["Missing required Azure AD configuration: AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_CERTIFICATE_PATH, API_BASE_URL"]);
+    const stderr = await expectConfigError({}, ["Missing required Azure AD configuration: AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_CERTIFICATE_PATH, API_BASE_URL (or AUTH_PROXY_ROUTES)"]);
     expect(stderr.trim().split("\n")).toHaveLength(1);
   });
 
@@ -66,7 +66,7 @@ describe("Startup", () => {
     ["a caller keys file without keys", () => baseEnv({ PROXY_API_KEYS_FILE: certs.write("keys-empty.txt", "# none yet\n\n") }), [/PROXY_API_KEYS_FILE=\S+keys-empty\.txt holds no key/]],
     ["ADMIN_PORT equal to the proxy's own port", () => baseEnv({ PORT: "18080", ADMIN_PORT: "18080" }), ["ADMIN_PORT=18080 is the proxy's own port; the admin listener needs a port of its own"]],
     ["a bad ADMIN_PORT", () => baseEnv({ ADMIN_PORT: "admin" }), ["ADMIN_PORT=admin is not a TCP port"]],
-    ["a caller keys file that does not exist", () => baseEnv({ PROXY_API_KEYS_FILE: "/nonexistent/keys" }), ["PROXY_API_KEYS_FILE=/nonexistent/keys cannot be read (ENOENT)"]],
+    ["a caller keys file that does not exist", () => baseEnv({ PROXY_API_KEYS_FILE: "/nonexistent/keys" }), ["PROXY_API_KEYS_FILE=/nonexistent/keys cannot be read (no such file)"]],
     ["an unknown AZURE_AUTH_MODE", () => baseEnv({ AZURE_AUTH_MODE: "pod-identity" }), ["AZURE_AUTH_MODE=pod-identity is not an identity mode; use one of certificate, client-secret, workload-identity, managed-identity"]],
     ["a federated token file that does not exist", () => baseEnv({ AZURE_CERTIFICATE_PATH: undefined, AZURE_FEDERATED_TOKEN_FILE: "/nonexistent/azure-identity-token" }), ["AZURE_FEDERATED_TOKEN_FILE=/nonexistent/azure-identity-token cannot be read (no such file)"]],
     ["an empty federated token file", () => baseEnv({ AZURE_CERTIFICATE_PATH: undefined, AZURE_FEDERATED_TOKEN_FILE: certs.write("token-empty", "\n") }), [/AZURE_FEDERATED_TOKEN_FILE=\S+token-empty is empty/]],
@@ -177,6 +177,33 @@ describe("Startup", () => {
     }
   });
 
+  test("allowed but almost surely wrong: a base URL ending in /openai, a private key every user can read, another Azure service's scope: a warn line each at start and in --check, each backend's whole URL shown", async () => {
+    const readable = certs.write("world-readable.pem", readFileSync(appCertificate.pemPath, "utf8"));
+    chmodSync(readable, 0o644);
+    const proxy = await startProxy(baseEnv({ AZURE_CERTIFICATE_PATH: readable, API_BASE_URL: "https://x.openai.azure.com/openai/" }));
+    const started = await proxy.waitForLog((line) => line.msg === "auth-proxy started");
+    expect(started.upstream).toBe("https://x.openai.azure.com/openai");
+    const warnings = proxy.lines.filter((line) => line.level === "warn").map((line) => line.msg);
+    expect(warnings).toContain(
+      "API_BASE_URL's backend https://x.openai.azure.com/openai ends in /openai: a request to /openai/deployments/gpt-4o/chat/completions reaches https://x.openai.azure.com/openai/openai/deployments/gpt-4o/chat/completions; the OpenAI SDKs and LiteLLM add /openai themselves, so give the resource's URL without it (https://x.openai.azure.com)",
+    );
+    expect(warnings).toContain(`AZURE_CERTIFICATE_PATH=${readable} is readable by every user (mode 0644): it holds the private key; make it 0600 for the proxy's user, or 0640 with a group of its own`);
+    await proxy.stop();
+
+    // A search route without its scope: the token would be refused with 401 on every call.
+    const routes = certs.write("search-without-scope.yaml", "routes:\n  - prefix: /search\n    backends:\n      - url: https://my-search.search.windows.net\n  - prefix: /\n    backends:\n      - url: https://x.openai.azure.com\n");
+    const check = spawnProxy(baseEnv({ API_BASE_URL: undefined, AUTH_PROXY_ROUTES: routes }), ["--check"]);
+    expect(await check.exited).toBe(0);
+    const expected = `routes[0] (/search) sends ${OPENAI_SCOPE} tokens to my-search.search.windows.net, Azure AI Search, which accepts https://search.azure.com/.default: set scope: https://search.azure.com/.default on the route, or every request gets 401`;
+    expect(check.stderr.trim().split("\n")).toEqual([`auth-proxy: warning: ${expected}`]);
+    const report = JSON.parse(check.stdout);
+    expect(report.warnings).toEqual([expected]);
+    expect(report.routes[0].backends).toEqual(["https://my-search.search.windows.net"]);
+    const started2 = await startProxy(baseEnv({ API_BASE_URL: undefined, AUTH_PROXY_ROUTES: routes }));
+    await started2.waitForLog((line) => line.level === "warn" && line.msg === expected);
+    await started2.stop();
+  });
+
   test("the proxy listens at once while the first token is still being acquired", async () => {
     entra.outage = { kind: "hang" };
     try {
@@ -208,6 +235,39 @@ describe("Pure pieces", () => {
     expect(config!.routes).toEqual([
       { prefix: "/", stripPrefix: true, scope: OPENAI_SCOPE, backends: [{ url: "https://r.openai.azure.com/base", origin: "https://r.openai.azure.com", name: "r.openai.azure.com", priority: 1, weight: 1, deployments: {}, connectTimeoutMs: 10_000 }] },
     ]);
+  });
+
+  test("configurationWarnings knows the scopes of Azure services and when a backend's /openai path doubles", () => {
+    const warn = (url: string, scope: string, prefix = "/", stripPrefix = true) => {
+      const { routes } = parseRoutes(`routes:\n  - prefix: ${prefix}\n    strip_prefix: ${stripPrefix}\n    scope: ${scope}\n    backends:\n      - url: ${url}\n`, OPENAI_SCOPE);
+      return configurationWarnings({ routes, routesFile: "r.yaml", authMode: "managed-identity", certificatePath: "", certificatePathSource: "" });
+    };
+    const cases: [string, string, string | undefined][] = [
+      ["https://s.search.windows.net", OPENAI_SCOPE, "https://search.azure.com/.default"],
+      ["https://s.search.windows.net", "https://search.azure.com/.default", undefined],
+      ["https://acct.blob.core.windows.net", OPENAI_SCOPE, "https://storage.azure.com/.default"],
+      ["https://acct.dfs.core.windows.net", "https://storage.azure.com/.default", undefined],
+      // A storage account as its own resource is a scope Storage accepts.
+      ["https://acct.blob.core.windows.net", "https://acct.blob.core.windows.net/.default", undefined],
+      ["https://kv.vault.azure.net", OPENAI_SCOPE, "https://vault.azure.net/.default"],
+      ["https://management.azure.com", OPENAI_SCOPE, "https://management.azure.com/.default"],
+      ["https://management.azure.com", "https://management.core.windows.net/.default", undefined],
+      ["https://graph.microsoft.com", OPENAI_SCOPE, "https://graph.microsoft.com/.default"],
+      ["https://r.openai.azure.com", "https://search.azure.com/.default", "https://cognitiveservices.azure.com/.default"],
+      ["https://r.openai.azure.com", "https://ai.azure.com/.default", undefined],
+      ["https://r.cognitiveservices.azure.com", OPENAI_SCOPE, undefined],
+      ["https://api.example.com", "api://my-api/.default", undefined],
+    ];
+    for (const [url, scope, wanted] of cases) {
+      const warnings = warn(url, scope);
+      if (wanted === undefined) expect(warnings, `${url} ${scope}`).toEqual([]);
+      else expect(warnings, `${url} ${scope}`).toEqual([expect.stringContaining(`which accepts ${wanted}: set scope: ${wanted} on the route`)]);
+    }
+    // /openai in the backend's path doubles what the SDKs send, unless the route's own /openai prefix is cut before it.
+    expect(warn("https://r.openai.azure.com/openai", OPENAI_SCOPE)[0]).toContain("a request to /openai/deployments/gpt-4o/chat/completions reaches https://r.openai.azure.com/openai/openai/deployments/gpt-4o/chat/completions");
+    expect(warn("https://r.openai.azure.com/openai", OPENAI_SCOPE, "/aoai")[0]).toContain("a request to /aoai/openai/deployments/gpt-4o/chat/completions reaches https://r.openai.azure.com/openai/openai/deployments");
+    expect(warn("https://r.openai.azure.com/openai", OPENAI_SCOPE, "/openai")).toEqual([]);
+    expect(warn("https://r.openai.azure.com/openai", OPENAI_SCOPE, "/openai", false)[0]).toContain("reaches https://r.openai.azure.com/openai/openai/deployments");
   });
 
   test("outboundProxyFor follows HTTPS_PROXY/HTTP_PROXY and NO_PROXY as curl does", () => {

@@ -7,9 +7,9 @@
  *
  * Imports: log.
  */
-import { readFileSync } from "node:fs";
+import { readFileSync, statSync } from "node:fs";
 import packageJson from "../package.json" with { type: "json" };
-import { errorMessage, LOG_LEVEL_RANK, type LogLevel, SECOND } from "./log.ts";
+import { errorMessage, LOG_LEVEL_RANK, type LogLevel, SECOND, unreadableReason } from "./log.ts";
 
 /** Set by `make build` (bun build --define); absent under `bun proxy.ts`. */
 declare const AUTH_PROXY_COMMIT: string | undefined;
@@ -57,7 +57,7 @@ export interface Config {
   shutdownTimeoutMs: number;
   /** PROXY_API_KEYS, or PROXY_API_KEYS_FILE (re-read when it changes): keys callers must present; none means open. */
   callerKeys: CallerKeySource | undefined;
-  /** ADMIN_PORT: a second listener for /health, /live and /metrics only (kubelet and Prometheus reach the pod IP). */
+  /** ADMIN_PORT: a second listener for /health, /ready, /live and /metrics only (kubelet and Prometheus reach the pod IP). */
   adminPort: number | undefined;
   adminHost: string;
 }
@@ -261,16 +261,71 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
   };
 }
 
+/**
+ * Azure services whose tokens are for a resource of their own: a route in
+ * front of one with another scope gets a token the service refuses (401 on
+ * every request). Public cloud hosts; a backend's own origin as the
+ * resource is accepted too (Storage takes `https://<account>.blob.core.windows.net/.default`).
+ */
+const AZURE_SERVICE_SCOPES: { host: RegExp; service: string; scopes: string[] }[] = [
+  { host: /\.search\.windows\.net$/, service: "Azure AI Search", scopes: ["https://search.azure.com/.default"] },
+  { host: /\.(blob|queue|table|file|dfs)\.core\.windows\.net$/, service: "Azure Storage", scopes: ["https://storage.azure.com/.default"] },
+  { host: /\.vault\.azure\.net$/, service: "Azure Key Vault", scopes: ["https://vault.azure.net/.default"] },
+  { host: /^management\.azure\.com$/, service: "Azure Resource Manager", scopes: ["https://management.azure.com/.default", "https://management.core.windows.net/.default"] },
+  { host: /^graph\.microsoft\.com$/, service: "Microsoft Graph", scopes: ["https://graph.microsoft.com/.default"] },
+  { host: /\.(openai|cognitiveservices|services\.ai)\.azure\.com$/, service: "Azure OpenAI (Azure AI Foundry)", scopes: ["https://cognitiveservices.azure.com/.default", "https://ai.azure.com/.default"] },
+];
+
+/**
+ * What is allowed but almost surely wrong, as warn lines for the start and
+ * --check: a scope the backend's service refuses, a base URL that doubles
+ * /openai, a private key every user can read, a token sent in plain http.
+ */
+export function configurationWarnings(config: Pick<Config, "routes" | "routesFile" | "authMode" | "certificatePath" | "certificatePathSource">): string[] {
+  const warnings: string[] = [];
+  config.routes.forEach((route, index) => {
+    const where = config.routesFile === undefined ? "API_BASE_URL" : `routes[${index}] (${route.prefix})`;
+    const setScope = (scope: string) => (config.routesFile === undefined ? `set AZURE_SCOPE=${scope}` : `set scope: ${scope} on the route`);
+    for (const backend of route.backends) {
+      const host = new URL(backend.url).hostname.toLowerCase();
+      const service = AZURE_SERVICE_SCOPES.find((known) => known.host.test(host));
+      const scope = route.scope.toLowerCase();
+      if (service !== undefined && !service.scopes.includes(scope) && scope !== `${backend.origin.toLowerCase()}/.default`) {
+        warnings.push(`${where} sends ${route.scope} tokens to ${host}, ${service.service}, which accepts ${service.scopes[0]}: ${setScope(service.scopes[0]!)}, or every request gets 401`);
+      }
+      // The SDKs and LiteLLM add /openai to the base URL themselves; cut after a route's own /openai prefix it is wanted.
+      const basePath = new URL(backend.url).pathname;
+      if (/\/openai$/i.test(basePath) && !(route.stripPrefix && /\/openai$/i.test(route.prefix))) {
+        const asked = `${route.prefix === "/" ? "" : route.prefix}${/\/openai$/i.test(route.prefix) ? "" : "/openai"}/deployments/gpt-4o/chat/completions`;
+        const forwarded = backend.url + (route.stripPrefix ? asked.slice(route.prefix === "/" ? 0 : route.prefix.length) : asked);
+        warnings.push(`${where}'s backend ${backend.url} ends in /openai: a request to ${asked} reaches ${forwarded}; the OpenAI SDKs and LiteLLM add /openai themselves, so give the resource's URL without it (${backend.origin})`);
+      }
+      if (backend.url.startsWith("http:") && !/^http:\/\/(localhost|127\.|\[::1\])/.test(backend.url)) {
+        warnings.push(`${config.routesFile === undefined ? "API_BASE_URL" : `backend ${backend.url}`} is plain http: the bearer token crosses the network unencrypted`);
+      }
+    }
+  });
+  if (config.authMode === "certificate") {
+    try {
+      const mode = statSync(config.certificatePath).mode;
+      if ((mode & 0o004) !== 0) {
+        warnings.push(`${config.certificatePathSource}=${config.certificatePath} is readable by every user (mode 0${(mode & 0o777).toString(8)}): it holds the private key; make it 0600 for the proxy's user, or 0640 with a group of its own`);
+      }
+    } catch {}
+  }
+  return warnings;
+}
+
 /** What the identity mode needs, all of it missing named at once, and the client and tenant IDs' forms. */
 function identityFaults(raw: Record<SettingName, RawSetting>, mode: AuthMode | undefined, reason: string, errors: string[]): void {
   if (mode !== undefined) {
     const missing = REQUIRED_SETTINGS[mode]
       .filter((name) => !raw[name].value && !(name === "clientSecret" && raw.clientSecretFile.value) && !(name === "apiBaseUrl" && raw.routesFile.value))
-      .map((name) => (name === "clientSecret" ? "AZURE_CLIENT_SECRET (or AZURE_CLIENT_SECRET_FILE)" : SETTINGS[name].env));
+      .map((name) => (name === "clientSecret" ? "AZURE_CLIENT_SECRET (or AZURE_CLIENT_SECRET_FILE)" : name === "apiBaseUrl" ? "API_BASE_URL (or AUTH_PROXY_ROUTES)" : SETTINGS[name].env));
     const why = reason === DEFAULT_MODE_REASON ? "" : ` (${mode} mode: ${reason})`;
     // On AKS nobody sets these by hand: their absence means the webhook did not mutate the pod.
     const webhook =
-      mode === "workload-identity" && missing.some((name) => name !== "API_BASE_URL")
+      mode === "workload-identity" && missing.some((name) => !name.startsWith("API_BASE_URL"))
         ? `; the workload identity webhook injects AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_FEDERATED_TOKEN_FILE into pods labelled azure.workload.identity/use: "true" whose ServiceAccount has the azure.workload.identity/client-id annotation`
         : "";
     if (missing.length > 0) errors.push(`Missing required Azure AD configuration: ${missing.join(", ")}${why}${webhook}`);
@@ -348,7 +403,7 @@ export function readCallerKeysFile(file: string): string[] {
   try {
     text = readFileSync(file, "utf8");
   } catch (error) {
-    throw new Error(`PROXY_API_KEYS_FILE=${file} cannot be read (${(error as NodeJS.ErrnoException).code ?? errorMessage(error)})`);
+    throw new Error(`PROXY_API_KEYS_FILE=${file} cannot be read (${unreadableReason(error)})`);
   }
   const keys = parseCallerKeys(text, "\n");
   if (keys.length === 0) throw new Error(`PROXY_API_KEYS_FILE=${file} holds no key (one per line)`);
@@ -451,7 +506,7 @@ function readRoutesFile(file: RawSetting, defaultScope: string, defaultConnectTi
   try {
     text = readFileSync(file.value!, "utf8");
   } catch (error) {
-    errors.push(`${file.source}=${file.value} cannot be read (${(error as NodeJS.ErrnoException).code ?? errorMessage(error)})`);
+    errors.push(`${file.source}=${file.value} cannot be read (${unreadableReason(error)})`);
     return [];
   }
   const { routes, faults } = parseRoutes(text, defaultScope, defaultConnectTimeoutMs);
@@ -460,6 +515,23 @@ function readRoutesFile(file: RawSetting, defaultScope: string, defaultConnectTi
 }
 
 type Mapping = Record<string, unknown>;
+
+/**
+ * Bun.YAML's errors give no position (Bun 1.4: "YAML Parse error:
+ * Unexpected token"), so the line is found as the first whose addition
+ * makes the text unparsable: block YAML cut after any whole line parses.
+ */
+function lineOfFirstFault(text: string): string {
+  const lines = text.split("\n");
+  for (let count = 1; count <= Math.min(lines.length, 5000); count += 1) {
+    try {
+      Bun.YAML.parse(lines.slice(0, count).join("\n"));
+    } catch {
+      return ` at line ${count}: ${JSON.stringify(lines[count - 1]!.trim().slice(0, 80))}`;
+    }
+  }
+  return "";
+}
 
 const isMapping = (value: unknown): value is Mapping => typeof value === "object" && value !== null && !Array.isArray(value);
 
@@ -470,7 +542,7 @@ export function parseRoutes(text: string, defaultScope: string, defaultConnectTi
   try {
     document = Bun.YAML.parse(text);
   } catch (error) {
-    return { routes: [], faults: [`is not YAML or JSON (${errorMessage(error)})`] };
+    return { routes: [], faults: [`is not YAML or JSON: ${errorMessage(error).replace(/^YAML Parse error: /, "")}${lineOfFirstFault(text)}`] };
   }
   if (!isMapping(document) || !Array.isArray(document.routes) || document.routes.length === 0) {
     return { routes: [], faults: ["must hold `routes:`, a list of routes, each with a prefix and its backends"] };
@@ -497,11 +569,15 @@ export function parseRoutes(text: string, defaultScope: string, defaultConnectTi
     }
     const backends = entry.backends.map((backend: unknown, backendIndex: number) => parseBackend(backend, `${place}.backends[${backendIndex}]`, defaultConnectTimeoutMs, faults));
     // The place named is the backend's own in the file, whether or not an earlier one was malformed.
-    const names = new Set<string>();
+    const names = new Map<string, number>();
     for (const [backendIndex, backend] of backends.entries()) {
       if (backend === undefined) continue;
-      if (names.has(backend.name)) faults.push(`${place}.backends[${backendIndex}] is named ${backend.name} like another backend of the route (set name:)`);
-      names.add(backend.name);
+      const twin = names.get(backend.name);
+      if (twin !== undefined) {
+        const unnamed = [twin, backendIndex].some((index) => (entry.backends as Mapping[])[index]?.name === undefined);
+        const how = unnamed ? " (without name:, a backend is named after its URL's host: set a name on each)" : "";
+        faults.push(`${place}.backends[${backendIndex}] is named ${backend.name} like ${place}.backends[${twin}]: the backends of a route need names of their own${how}`);
+      } else names.set(backend.name, backendIndex);
     }
     if (prefix !== undefined && typeof scope === "string" && typeof stripPrefix === "boolean" && backends.every((backend) => backend !== undefined)) {
       routes.push({ prefix, stripPrefix, scope, backends: backends as BackendConfig[] });

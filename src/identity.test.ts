@@ -75,13 +75,13 @@ describe("Identities", () => {
     });
     test("each mode's missing variables are named, and only those", () => {
       const missing = (env: Record<string, string>) => loadConfig(env).errors.find((error) => error.startsWith("Missing"));
-      expect(missing({ AZURE_FEDERATED_TOKEN_FILE: "/t" })).toStartWith("Missing required Azure AD configuration: AZURE_CLIENT_ID, AZURE_TENANT_ID, API_BASE_URL (workload-identity mode: AZURE_FEDERATED_TOKEN_FILE is set); the workload identity webhook injects");
+      expect(missing({ AZURE_FEDERATED_TOKEN_FILE: "/t" })).toStartWith("Missing required Azure AD configuration: AZURE_CLIENT_ID, AZURE_TENANT_ID, API_BASE_URL (or AUTH_PROXY_ROUTES) (workload-identity mode: AZURE_FEDERATED_TOKEN_FILE is set); the workload identity webhook injects");
       // Explicit workload identity on a pod the webhook did not mutate: the line says what mutates it.
       expect(missing({ AZURE_AUTH_MODE: "workload-identity", API_BASE_URL: "https://r.openai.azure.com" })).toBe(
         'Missing required Azure AD configuration: AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE (workload-identity mode: AZURE_AUTH_MODE=workload-identity); the workload identity webhook injects AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_FEDERATED_TOKEN_FILE into pods labelled azure.workload.identity/use: "true" whose ServiceAccount has the azure.workload.identity/client-id annotation',
       );
-      expect(missing({ AZURE_AUTH_MODE: "client-secret" })).toBe("Missing required Azure AD configuration: AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_CLIENT_SECRET (or AZURE_CLIENT_SECRET_FILE), API_BASE_URL (client-secret mode: AZURE_AUTH_MODE=client-secret)");
-      expect(missing({ AZURE_AUTH_MODE: "managed-identity" })).toBe("Missing required Azure AD configuration: API_BASE_URL (managed-identity mode: AZURE_AUTH_MODE=managed-identity)");
+      expect(missing({ AZURE_AUTH_MODE: "client-secret" })).toBe("Missing required Azure AD configuration: AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_CLIENT_SECRET (or AZURE_CLIENT_SECRET_FILE), API_BASE_URL (or AUTH_PROXY_ROUTES) (client-secret mode: AZURE_AUTH_MODE=client-secret)");
+      expect(missing({ AZURE_AUTH_MODE: "managed-identity" })).toBe("Missing required Azure AD configuration: API_BASE_URL (or AUTH_PROXY_ROUTES) (managed-identity mode: AZURE_AUTH_MODE=managed-identity)");
       const { config, errors } = loadConfig({ AZURE_AUTH_MODE: "managed-identity", API_BASE_URL: "https://r.openai.azure.com" });
       expect(errors).toEqual([]);
       expect(config).toMatchObject({ authMode: "managed-identity", clientId: undefined });

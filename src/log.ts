@@ -292,6 +292,12 @@ export function errorMessage(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
+/** Why a file could not be read, in the same words for every file the proxy reads. */
+export function unreadableReason(error: unknown): string {
+  const code = (error as NodeJS.ErrnoException).code;
+  return code === "ENOENT" ? "no such file" : code === "EACCES" ? "permission denied" : code === "EISDIR" ? "is a directory" : (code ?? errorMessage(error));
+}
+
 /** The path without its query: queries can carry data the operator did not mean to log. */
 export function pathOf(target: string): string {
   return target.slice(0, pathEnd(target));

@@ -55,8 +55,8 @@ describe("Observability", () => {
     expect(tokenExpiry * 1000).toBeGreaterThan(Date.now() + 3500_000);
     expect(valueOf(samples, "auth_proxy_token_last_success_timestamp_seconds")! * 1000).toBeLessThanOrEqual(Date.now());
     expect(valueOf(samples, "process_resident_memory_bytes")!).toBeGreaterThan(10e6);
-    expect(valueOf(samples, "auth_proxy_upstream_ratelimit_remaining", { kind: "requests" })).toBe(99);
-    expect(valueOf(samples, "auth_proxy_upstream_ratelimit_remaining", { kind: "tokens" })).toBe(12345);
+    expect(valueOf(samples, "auth_proxy_upstream_ratelimit_remaining", { deployment: "gpt-4o", kind: "requests" })).toBe(99);
+    expect(valueOf(samples, "auth_proxy_upstream_ratelimit_remaining", { deployment: "gpt-4o", kind: "tokens" })).toBe(12345);
   });
 
   test("plain and streamed requests move the request, duration, first-byte and byte families", async () => {

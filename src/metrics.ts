@@ -93,8 +93,6 @@ export interface Metrics {
   responseBytes: number;
   upstreamErrors: Record<UpstreamErrorReason, number>;
   websocketSessionsTotal: { completed: number; refused: number; failed: number };
-  rateLimitRemainingRequests: number | undefined;
-  rateLimitRemainingTokens: number | undefined;
   startTimeSeconds: number;
 }
 
@@ -111,8 +109,6 @@ export function newMetrics(): Metrics {
     responseBytes: 0,
     upstreamErrors: { connect: 0, tls: 0, reset: 0, client_abort: 0, other: 0 },
     websocketSessionsTotal: { completed: 0, refused: 0, failed: 0 },
-    rateLimitRemainingRequests: undefined,
-    rateLimitRemainingTokens: undefined,
     startTimeSeconds: Math.floor(Date.now() / SECOND - process.uptime()),
   };
 }
@@ -212,12 +208,25 @@ export function upstreamErrorReason(error: unknown, clientAborted: boolean): Ups
   return "other";
 }
 
-/** The rate-limit headers Azure OpenAI sends, kept as last seen. */
-export function noteRateLimits(metrics: Metrics, headers: Headers): void {
+/** A backend's x-ratelimit-remaining-* as last seen for one deployment. */
+export interface RateLimitsSeen {
+  requests: number | undefined;
+  tokens: number | undefined;
+}
+
+/**
+ * The rate-limit headers Azure OpenAI sends, kept as last seen per backend
+ * and deployment: each region's deployment has a quota of its own, and one
+ * gauge for all flipped between them. Deployments are bounded labels.
+ */
+export function noteRateLimits(seen: Map<string, RateLimitsSeen>, deployment: string, headers: Headers): void {
   const requests = headers.get("x-ratelimit-remaining-requests");
-  if (requests !== null) metrics.rateLimitRemainingRequests = Number(requests);
   const tokens = headers.get("x-ratelimit-remaining-tokens");
-  if (tokens !== null) metrics.rateLimitRemainingTokens = Number(tokens);
+  if (requests === null && tokens === null) return;
+  let figures = seen.get(deployment);
+  if (figures === undefined) seen.set(deployment, (figures = { requests: undefined, tokens: undefined }));
+  if (requests !== null) figures.requests = Number(requests);
+  if (tokens !== null) figures.tokens = Number(tokens);
 }
 
 const escapeLabel = (value: string) => value.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
@@ -286,6 +295,7 @@ interface BackendFigures {
   name: string;
   restsUntil: number;
   codes: Map<number, number>;
+  rateLimits: Map<string, RateLimitsSeen>;
 }
 
 /** What /metrics reads of a scope's token manager (the core's). */
@@ -357,9 +367,17 @@ export function renderMetrics({ metrics, routes, tokens, certificate, websocketS
     family(lines, "auth_proxy_certificate_expiration_timestamp_seconds", "gauge", "When the client certificate in use expires (notAfter).");
     lines.push(`auth_proxy_certificate_expiration_timestamp_seconds ${certificate.notAfter.getTime() / SECOND}`);
   }
-  family(lines, "auth_proxy_upstream_ratelimit_remaining", "gauge", "The upstream's x-ratelimit-remaining-requests and -tokens, as last seen.");
-  if (metrics.rateLimitRemainingRequests !== undefined) lines.push(`auth_proxy_upstream_ratelimit_remaining{kind="requests"} ${metrics.rateLimitRemainingRequests}`);
-  if (metrics.rateLimitRemainingTokens !== undefined) lines.push(`auth_proxy_upstream_ratelimit_remaining{kind="tokens"} ${metrics.rateLimitRemainingTokens}`);
+  family(lines, "auth_proxy_upstream_ratelimit_remaining", "gauge", "The upstream's x-ratelimit-remaining-requests and -tokens, as last seen per backend and deployment.");
+  for (const route of routes) {
+    for (const backend of route.backends) {
+      const where = route.named || route.pooled ? `route="${escapeLabel(route.prefix)}",backend="${escapeLabel(backend.name)}",` : "";
+      for (const [deployment, seen] of backend.rateLimits) {
+        const labels = `${where}deployment="${escapeLabel(deployment)}"`;
+        if (seen.requests !== undefined) lines.push(`auth_proxy_upstream_ratelimit_remaining{${labels},kind="requests"} ${seen.requests}`);
+        if (seen.tokens !== undefined) lines.push(`auth_proxy_upstream_ratelimit_remaining{${labels},kind="tokens"} ${seen.tokens}`);
+      }
+    }
+  }
 
   family(lines, "auth_proxy_model_tokens_total", "counter", "Tokens the answers' usage reported, by deployment, model and type (cached_input is part of input, reasoning part of output).");
   for (const series of metrics.tokenSeries.values()) {

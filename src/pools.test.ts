@@ -86,6 +86,24 @@ describe("Backend pools", () => {
     await proxy.stop();
   });
 
+  test("x-ratelimit-remaining-* are kept per route, backend and deployment: two regions' quotas never overwrite each other", async () => {
+    const remaining = (requests: number, tokens: number) => ({ status: 200, headers: { "x-ratelimit-remaining-requests": String(requests), "x-ratelimit-remaining-tokens": String(tokens) } });
+    // Smooth round-robin alternates between equal backends: east, west, east, west.
+    const east = backend("rl-east").then(remaining(11, 1100), remaining(12, 1200));
+    const west = backend("rl-west").then(remaining(21, 2100), remaining(22, 2200));
+    const proxy = await poolProxy(route("/", [{ backend: east }, { backend: west }]));
+    for (const deployment of ["gpt-4o", "gpt-4o", "embed", "embed"]) {
+      expect((await fetch(`${proxy.url}/openai/deployments/${deployment}/chat/completions`, { method: "POST", body: "{}" })).status).toBe(200);
+    }
+    const { text, samples } = await scrape(proxy.url);
+    const seen = (backendName: string, deployment: string, kind: string) => valueOf(samples, "auth_proxy_upstream_ratelimit_remaining", { route: "/", backend: backendName, deployment, kind });
+    expect([seen("rl-east", "gpt-4o", "requests"), seen("rl-east", "gpt-4o", "tokens"), seen("rl-west", "gpt-4o", "requests"), seen("rl-west", "gpt-4o", "tokens")]).toEqual([11, 1100, 21, 2100]);
+    expect([seen("rl-east", "embed", "requests"), seen("rl-east", "embed", "tokens"), seen("rl-west", "embed", "requests"), seen("rl-west", "embed", "tokens")]).toEqual([12, 1200, 22, 2200]);
+    expect(samples.filter((sample) => sample.name === "auth_proxy_upstream_ratelimit_remaining")).toHaveLength(8);
+    expect((await promtool(["check", "metrics"], text)).exitCode).toBe(0);
+    await proxy.stop();
+  });
+
   test("429, 500, 502, 503, 504 and a refused connection move the request on: the next backend gets the same body (sha256) and headers, the token too", async () => {
     const primary = backend("statuses-primary");
     const secondary = backend("statuses-secondary");

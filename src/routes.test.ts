@@ -4,9 +4,11 @@
  * src/routes.ts called directly.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
 import { matchRoute } from "../src/routes.ts";
 import { FakeAzureOpenAI } from "../test/fakes.ts";
-import { spawnProxy, startProxy } from "../test/harness.ts";
+import { ROOT, spawnProxy, startProxy } from "../test/harness.ts";
 import { rawRequest } from "../test/http.ts";
 import { promtool, scrape, valueOf } from "../test/prometheus.ts";
 import { rawUpgrade } from "../test/websocket.ts";
@@ -85,10 +87,10 @@ routes:
     // The startup line lists the routes; each access line names its route; token metrics carry their scope.
     expect(proxy.lines.find((line) => line.msg === "auth-proxy started")).toMatchObject({
       routes: [
-        { prefix: "/search", scope: SEARCH_SCOPE, backends: [search.url] },
+        { prefix: "/search", scope: SEARCH_SCOPE, backends: [`${search.url}/base`] },
         { prefix: "/search/special", scope: OPENAI_SCOPE, backends: [openai.url] },
         { prefix: "/openai", scope: OPENAI_SCOPE, backends: [openai.url] },
-        { prefix: "/rt", scope: OPENAI_SCOPE, backends: [realtime.url] },
+        { prefix: "/rt", scope: OPENAI_SCOPE, backends: [`${realtime.url}/prefix`] },
       ],
     });
     const line = await proxy.waitForLog((entry) => entry.msg === "request" && entry.path === "/search/special/x");
@@ -119,8 +121,19 @@ routes:
       expect(Number(refused.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
       expect((await readJson(refused)).error.code).toBe("token_unavailable");
       expect((await fetch(`${proxy.url}/openai/models`)).status).toBe(200);
+      // The gateway's readiness: ready while any route serves, naming the scope and the routes that do not.
+      const readiness = await fetch(`${proxy.url}/ready`);
+      expect(readiness.status).toBe(200);
+      const degraded = await readJson(readiness);
+      expect(degraded.status).toBe("degraded");
+      expect(degraded.reason).toContain(`no token for ${SEARCH_SCOPE}`);
+      expect(degraded.reason).toContain("(routes /search answer 503)");
+      expect(degraded.reason).not.toContain(OPENAI_SCOPE);
+      const failed = proxy.lines.find((line) => line.msg === "token acquisition failed" && line.scope === SEARCH_SCOPE);
+      expect(failed!.serving).toBe("no valid token: routes /search answer 503");
       entra.refusedScopes.delete(SEARCH_SCOPE);
       await proxy.waitForHealth(200, 10_000);
+      expect(await readJson(await fetch(`${proxy.url}/ready`))).toEqual({ status: "ok" });
       expect((await fetch(`${proxy.url}/search/indexes`)).status).toBe(200);
       expect(search.received.at(-1)!.tokenValid).toBe(true);
       await proxy.stop();
@@ -135,6 +148,32 @@ routes:
     const report = JSON.parse(proxy.stdout);
     expect(Object.keys(report.scopes).sort()).toEqual([OPENAI_SCOPE, SEARCH_SCOPE]);
     expect(report.routes.map((route: { prefix: string }) => route.prefix)).toEqual(["/search", "/search/special", "/openai", "/rt"]);
+  });
+
+  test("the README's JavaScript AI Search snippet runs through a /search route: allowInsecureConnection lets the SDK use http://localhost, its api-key is replaced by the search scope's token", async () => {
+    const readme = readFileSync(join(ROOT, "README.md"), "utf8");
+    const snippet = readme.match(/```js\n(import \{ AzureKeyCredential, SearchClient \} from "@azure\/search-documents";[^`]*)```/)![1]!;
+    const proxy = await startProxy(routesEnv(certs.write("search-sdk.yaml", ragRoutes())));
+    await proxy.waitForHealth();
+    const run = async (code: string) => {
+      const sdk = Bun.spawn([process.execPath, "-e", code], { cwd: ROOT, stdout: "pipe", stderr: "pipe", env: { ...process.env, NO_PROXY: "*" } });
+      const [stdout, stderr] = await Promise.all([new Response(sdk.stdout).text(), new Response(sdk.stderr).text(), sdk.exited]);
+      return stdout + stderr;
+    };
+    // The SDK asks the proxy for a search; the fake answers an echo, which the SDK may not parse: what matters is what arrived.
+    const query = `\ntry { for await (const found of (await search.search("*")).results) {} } catch (error) { console.log(String(error.message)); }\nconsole.log("done");\n`;
+    const before = search.received.length;
+    expect(await run(snippet.replaceAll("http://localhost:8080", proxy.url) + query)).toContain("done");
+    const arrived = search.received.slice(before);
+    expect(arrived).toHaveLength(1);
+    expect(arrived[0]!.target).toStartWith("/base/indexes('docs')/docs/search.post.search?api-version=");
+    expect(arrived[0]!.tokenValid).toBe(true);
+    expect(arrived[0]!.headers["api-key"]).toBeUndefined();
+    // Without the option the SDK refuses before sending anything: why the snippet sets it.
+    const refused = await run(snippet.replaceAll("http://localhost:8080", proxy.url).replace(", { allowInsecureConnection: true }", "") + query);
+    expect(refused).toContain("allowInsecureConnection is false");
+    expect(search.received.length).toBe(before + 1);
+    await proxy.stop();
   });
 
   test("a JSON routes file works as YAML does", async () => {
@@ -163,7 +202,9 @@ routes:
     ["a prefix clients must percent-encode", "routes:\n  - prefix: /café\n    backends: [{ url: https://a.example }]\n  - prefix: /a\"b\n    backends: [{ url: https://a.example }]\n", ["routes[0].prefix /café must be plain path segments", 'routes[1].prefix /a"b must be plain path segments']],
     ["a scope that names no resource", "routes:\n  - prefix: /\n    scope: /.default\n    backends: [{ url: https://a.example }]\n", ["routes[0].scope \"/.default\" must be one resource's /.default scope"]],
     ["a connect_timeout that is not a number of seconds", "routes:\n  - prefix: /\n    backends:\n      - url: https://a.example\n        connect_timeout: 0\n      - url: https://b.example\n        connect_timeout: soon\n", ["routes[0].backends[0].connect_timeout=0 must be a number of seconds", "routes[0].backends[1].connect_timeout=soon must be a number of seconds"]],
-    ["two backends of one name, after a malformed one", "routes:\n  - prefix: /\n    backends:\n      - url: nowhere\n      - url: https://a.example\n      - url: https://a.example/other\n", ["routes[0].backends[0].url=nowhere is not a URL", "routes[0].backends[2] is named a.example like another backend"]],
+    ["two backends of one name, after a malformed one", "routes:\n  - prefix: /\n    backends:\n      - url: nowhere\n      - url: https://a.example\n      - url: https://a.example/other\n", ["routes[0].backends[0].url=nowhere is not a URL", "routes[0].backends[2] is named a.example like routes[0].backends[1]: the backends of a route need names of their own (without name:, a backend is named after its URL's host: set a name on each)"]],
+    ["two backends both named east", "routes:\n  - prefix: /\n    backends:\n      - url: https://a.example\n        name: east\n      - url: https://b.example\n        name: east\n", ["routes[0].backends[1] is named east like routes[0].backends[0]: the backends of a route need names of their own"]],
+    ["an indentation error", "routes:\n  - prefix: /\n    backends:\n      - url: https://a.example\n     scope: https://search.azure.com/.default\n", ['is not YAML or JSON: Unexpected token at line 5: "scope: https://search.azure.com/.default"']],
   ];
   for (const [name, text, expected] of badFiles) {
     test(`a routes file with ${name}: exit 1 within 2 s, one line per fault naming the file and the place`, async () => {
@@ -184,7 +225,7 @@ routes:
   test("an unreadable routes file, and one set together with API_BASE_URL, exit 1 within 2 s naming both", async () => {
     const missing = spawnProxy({ ...routesEnv("/nonexistent/routes.yaml"), PORT: "0", HOST: "127.0.0.1" });
     expect(await missing.exited).toBe(1);
-    expect(missing.stderr).toContain("AUTH_PROXY_ROUTES=/nonexistent/routes.yaml cannot be read (ENOENT)");
+    expect(missing.stderr).toContain("AUTH_PROXY_ROUTES=/nonexistent/routes.yaml cannot be read (no such file)");
     const both = spawnProxy({ ...routesEnv(certs.write("both.yaml", ragRoutes()), { API_BASE_URL: upstream.url }), PORT: "0", HOST: "127.0.0.1" });
     expect(await both.exited).toBe(1);
     expect(both.stderr).toContain("set API_BASE_URL or AUTH_PROXY_ROUTES, not both");

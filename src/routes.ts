@@ -6,7 +6,7 @@
  * Imports: config, metrics.
  */
 import { type Config, type Environment, outboundProxyFor } from "./config.ts";
-import { type Metrics } from "./metrics.ts";
+import { type Metrics, type RateLimitsSeen } from "./metrics.ts";
 
 /**
  * A route as the hot path reads it, resolved once at start from its
@@ -76,6 +76,8 @@ export interface Backend {
   deployments: Map<string, string> | undefined;
   /** Its answers by status, for /metrics. */
   codes: Map<number, number>;
+  /** x-ratelimit-remaining-* last seen, by deployment label, for /metrics. */
+  rateLimits: Map<string, RateLimitsSeen>;
   /** A connect not done within this is a connection failure. */
   connectTimeoutMs: number;
   /** Where a connect check goes: the backend, or the outbound proxy its requests take. */
@@ -121,6 +123,7 @@ export function buildRoutes<Tokens extends ScopeTokens>(config: Pick<Config, "ro
           serverErrors: 0,
           deployments: Object.keys(backend.deployments).length === 0 ? undefined : new Map(Object.entries(backend.deployments)),
           codes: new Map(),
+          rateLimits: new Map(),
           connectTimeoutMs: backend.connectTimeoutMs,
           connectAddress: connectAddress(backend.url, outboundProxyFor(backend.url, env)),
           reachedAt: 0,

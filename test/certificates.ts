@@ -32,8 +32,9 @@ export class CertificateFactory {
     return readFileSync(this.path(name), "utf8");
   }
 
+  /** Readable by the owner only, as a private key should be (the proxy warns about a key every user can read). */
   write(name: string, text: string): string {
-    writeFileSync(this.path(name), text);
+    writeFileSync(this.path(name), text, { mode: 0o600 });
     return this.path(name);
   }
 
