@@ -7,7 +7,7 @@ import { describe, expect, test } from "bun:test";
 import { chmodSync, existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { configurationWarnings, loadConfig, outboundProxyFor, parseRoutes } from "../src/config.ts";
-import { freePort, ROOT, spawnProxy, startProxy } from "../test/harness.ts";
+import { freePort, ROOT, ROUTES_MODE, spawnProxy, startProxy } from "../test/harness.ts";
 import { startConnectProxy } from "../test/http.ts";
 import { appCertificate, baseEnv, certs, CLIENT_ID, describeSecrets, entra, OPENAI_SCOPE, PASSWORD, readJson, resetEntra, useSuite } from "../test/suite.ts";
 
@@ -182,10 +182,12 @@ describe("Startup", () => {
     chmodSync(readable, 0o644);
     const proxy = await startProxy(baseEnv({ AZURE_CERTIFICATE_PATH: readable, API_BASE_URL: "https://x.openai.azure.com/openai/" }));
     const started = await proxy.waitForLog((line) => line.msg === "auth-proxy started");
-    expect(started.upstream).toBe("https://x.openai.azure.com/openai");
+    // `make test-binary` gives API_BASE_URL as a routes file of one route `/`: the same backend, named as a route's.
+    const where = ROUTES_MODE ? "routes[0] (/)" : "API_BASE_URL";
+    expect(ROUTES_MODE ? (started.routes as { backends: string[] }[])[0]!.backends : [started.upstream]).toEqual(["https://x.openai.azure.com/openai"]);
     const warnings = proxy.lines.filter((line) => line.level === "warn").map((line) => line.msg);
     expect(warnings).toContain(
-      "API_BASE_URL's backend https://x.openai.azure.com/openai ends in /openai: a request to /openai/deployments/gpt-4o/chat/completions reaches https://x.openai.azure.com/openai/openai/deployments/gpt-4o/chat/completions; the OpenAI SDKs and LiteLLM add /openai themselves, so give the resource's URL without it (https://x.openai.azure.com)",
+      `${where}'s backend https://x.openai.azure.com/openai ends in /openai: a request to /openai/deployments/gpt-4o/chat/completions reaches https://x.openai.azure.com/openai/openai/deployments/gpt-4o/chat/completions; the OpenAI SDKs and LiteLLM add /openai themselves, so give the resource's URL without it (https://x.openai.azure.com)`,
     );
     expect(warnings).toContain(`AZURE_CERTIFICATE_PATH=${readable} is readable by every user (mode 0644): it holds the private key; make it 0600 for the proxy's user, or 0640 with a group of its own`);
     await proxy.stop();
