@@ -24,6 +24,7 @@ import { AzureOpenAI } from "openai";
 import packageJson from "./package.json" with { type: "json" };
 import { backoffDelay, MAX_TOKEN_LIFETIME_MS, MIN_TOKEN_REQUEST_INTERVAL_MS, nextCollectionMark, refreshDelay } from "./proxy.ts";
 import { configurationWarnings, KEEP_ALIVE_IDLE_SECONDS, loadConfig, parseRoutes } from "./src/config.ts";
+import { parseCallers } from "./src/callers.ts";
 import { WEBSOCKET_PING_SECONDS } from "./src/websocket.ts";
 import { appCertificate, baseEnv, certs, CLIENT_ID, describeSecrets, entra, lastReceived, readJson, realtime, rejection, resetEntra, SEARCH_SCOPE, thumbprintOf, upstream, useSuite, waitFor } from "./test/suite.ts";
 import { type AppRegistration, patternBytes, ScriptedBackend } from "./test/fakes.ts";
@@ -1022,14 +1023,18 @@ describe("Admin listener", () => {
     const container = deployment.spec.template.spec.containers.find((c: any) => c.name === "auth-proxy");
     const manifestEnv = Object.fromEntries(container.env.map((e: any) => [e.name, e.value]));
     // Its routes file as shipped, each backend URL pointed at the fake Azure OpenAI.
-    const shipped = docs.find((doc) => doc.kind === "ConfigMap").data["routes.yaml"] as string;
+    const shipped = docs.find((doc) => doc.kind === "ConfigMap" && doc.data["routes.yaml"]).data["routes.yaml"] as string;
     const routesFile = certs.write("gateway-routes.yaml", shipped.replace(/url: https:\/\/\S+/g, `url: ${upstream.url}`));
+    // Its callers file as shipped, the key caller's hash one the test holds the key of, the Entra caller in the fake's tenant.
     const key = randomBytes(16).toString("hex");
+    const callers = docs.find((doc) => doc.kind === "ConfigMap" && doc.data["callers.yaml"]).data["callers.yaml"] as string;
+    const entraApp = /app_ids: \[([0-9a-f-]{36})\]/.exec(callers)![1]!;
+    const callersFile = certs.write("gateway-callers.yaml", callers.replace(/sha256:[0-9a-f]{64}/, `sha256:${createHash("sha256").update(key).digest("hex")}`).replace(/tenant: [0-9a-f-]{36}/, `tenant: ${entra.tenantId}`));
     const adminPort = freePort();
     entra.refusedScopes.add(SEARCH_SCOPE);
     try {
       const proxy = await startProxy(
-        baseEnv({ API_BASE_URL: undefined, AUTH_PROXY_ROUTES: routesFile, PROXY_API_KEYS_FILE: certs.write("gateway-keys", `${key}\n`), ADMIN_PORT: String(adminPort), ADMIN_HOST: "127.0.0.1", SHUTDOWN_TIMEOUT: manifestEnv.SHUTDOWN_TIMEOUT }),
+        baseEnv({ API_BASE_URL: undefined, AUTH_PROXY_ROUTES: routesFile, AUTH_PROXY_CALLERS: callersFile, AUTH_PROXY_AUDIENCE: manifestEnv.AUTH_PROXY_AUDIENCE, ADMIN_PORT: String(adminPort), ADMIN_HOST: "127.0.0.1", SHUTDOWN_TIMEOUT: manifestEnv.SHUTDOWN_TIMEOUT }),
       );
       await proxy.waitForLog((line) => line.msg === "token acquisition failed" && line.scope === SEARCH_SCOPE);
       await proxy.waitForLog((line) => line.msg === "token acquired");
@@ -1043,7 +1048,8 @@ describe("Admin listener", () => {
       }
       expect((await fetch(`http://127.0.0.1:${adminPort}/health`)).status).toBe(503);
       const headers = { "api-key": key };
-      const refused = await fetch(`${proxy.url}/search/indexes?api-version=2024-07-01`, { headers });
+      const indexer = { authorization: `Bearer ${entra.mintCallerToken({ appId: entraApp, audience: manifestEnv.AUTH_PROXY_AUDIENCE })}` };
+      const refused = await fetch(`${proxy.url}/search/indexes?api-version=2024-07-01`, { headers: indexer });
       expect(refused.status).toBe(503);
       expect((await readJson(refused)).error.message).toContain(SEARCH_SCOPE);
       const served = await fetch(`${proxy.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21`, { method: "POST", headers, body: "{}" });
@@ -1352,7 +1358,7 @@ describe("Deployment artifacts", () => {
     }
   });
 
-  test("the shared gateway: 2 replicas spread over nodes and zones, a Service, a PDB, a CPU autoscaler, a NetworkPolicy for labelled callers, caller keys from a Secret and a routes file the proxy accepts", () => {
+  test("the shared gateway: 2 replicas spread over nodes and zones, a Service, a PDB, a CPU autoscaler, a NetworkPolicy for labelled callers, a callers file of hashes and Entra apps and a routes file the proxy accepts", () => {
     const docs = manifests.filter(({ file }) => file === "gateway.yaml").map(({ doc }) => doc);
     const of = (kind: string) => docs.find((doc) => doc.kind === kind);
     const deployment = of("Deployment");
@@ -1382,11 +1388,20 @@ describe("Deployment artifacts", () => {
     const env = envOf(proxy);
     const mountOf = (volume: string) => proxy.volumeMounts.find((mount: any) => mount.name === volume).mountPath;
     const volumeOf = (predicate: (volume: any) => boolean) => pod.spec.volumes.find(predicate).name;
-    const keysVolume = volumeOf((volume) => volume.secret?.secretName === of("Secret").metadata.name);
-    const routesVolume = volumeOf((volume) => volume.configMap?.name === of("ConfigMap").metadata.name);
-    expect(env.PROXY_API_KEYS_FILE).toBe(`${mountOf(keysVolume)}/${Object.keys(of("Secret").stringData)[0]}`);
+    const callersMap = docs.find((doc) => doc.kind === "ConfigMap" && doc.data["callers.yaml"]);
+    const routesMap = docs.find((doc) => doc.kind === "ConfigMap" && doc.data["routes.yaml"]);
+    const callersVolume = volumeOf((volume) => volume.configMap?.name === callersMap.metadata.name);
+    const routesVolume = volumeOf((volume) => volume.configMap?.name === routesMap.metadata.name);
+    expect(env.AUTH_PROXY_CALLERS).toBe(`${mountOf(callersVolume)}/callers.yaml`);
+    // The callers file the proxy accepts: hashes only, no Secret; the Entra caller's audience set.
+    const { callers, faults: callerFaults } = parseCallers(callersMap.data["callers.yaml"], {});
+    expect(callerFaults).toEqual([]);
+    expect(callers.map((caller) => caller.name)).toEqual(["chat-app", "search-indexer"]);
+    expect(callersMap.data["callers.yaml"]).not.toMatch(/keys:\s*\n\s*- (?!sha256:)/);
+    expect(env.AUTH_PROXY_AUDIENCE).toMatch(/^api:\/\//);
+    expect(of("Secret")).toBeUndefined();
     expect(env.AUTH_PROXY_ROUTES).toBe(`${mountOf(routesVolume)}/routes.yaml`);
-    const { routes, faults } = parseRoutes(of("ConfigMap").data["routes.yaml"], "https://cognitiveservices.azure.com/.default");
+    const { routes, faults } = parseRoutes(routesMap.data["routes.yaml"], "https://cognitiveservices.azure.com/.default");
     expect(faults).toEqual([]);
     expect(routes.map((route) => route.prefix)).toEqual(["/search", "/"]);
     expect(env.API_BASE_URL).toBeUndefined();
@@ -1460,14 +1475,14 @@ describe("Deployment artifacts", () => {
     expect(rule).toMatchObject({ apiVersion: "monitoring.coreos.com/v1", kind: "PrometheusRule" });
     const alerts = rule.spec.groups.flatMap((group: any) => group.rules.filter((r: any) => r.alert).map((r: any) => r.alert));
     const records = rule.spec.groups.flatMap((group: any) => group.rules.filter((r: any) => r.record).map((r: any) => r.record));
-    expect(records).toEqual(["namespace_job_deployment_model_type:auth_proxy_model_tokens:per_minute_rate5m"]);
+    expect(records).toEqual(["namespace_job_deployment_model_type:auth_proxy_model_tokens:per_minute_rate5m", "namespace_job_caller_model_type:auth_proxy_model_tokens:per_minute_rate5m"]);
     expect(alerts).toEqual(["AuthProxyNoToken", "AuthProxyTokenRefreshFailing", "AuthProxyCertificateExpiringSoon", "AuthProxyUpstream5xxRatio", "AuthProxyUpstreamErrors", "AuthProxyBackendResting"]);
     const dir = join(certs.dir, "rules");
     mkdirSync(dir, { recursive: true });
     writeFileSync(join(dir, "rules.yaml"), JSON.stringify({ groups: rule.spec.groups }));
     writeFileSync(join(dir, "alerts.test.yaml"), readFileSync(join(ROOT, "deploy/monitoring/alerts.test.yaml")));
     const checked = await promtool(["check", "rules", join(dir, "rules.yaml")]);
-    expect(checked.output).toContain("SUCCESS: 7 rules found");
+    expect(checked.output).toContain("SUCCESS: 8 rules found");
     expect(checked.exitCode).toBe(0);
     const tested = await promtool(["test", "rules", join(dir, "alerts.test.yaml")]);
     expect(tested.output).toContain("SUCCESS");
@@ -1617,7 +1632,7 @@ describe("Deployment artifacts", () => {
 
 describe("Code map", () => {
   /** The rooms in journey order: a module may import only those before it, and none imports proxy.ts. */
-  const ROOMS = ["log", "config", "certificate", "identity", "metrics", "routes", "callers", "pools", "usage", "http", "websocket"];
+  const ROOMS = ["log", "config", "certificate", "identity", "metrics", "routes", "caller-tokens", "callers", "pools", "usage", "http", "websocket"];
   const localImports = (text: string) => [...text.matchAll(/^import [^;]*? from "\.{1,2}\/(?:src\/)?([\w.-]+?)(?:\.ts)?";$/gm)].map((match) => match[1]!);
 
   test("proxy.ts imports the rooms; each room imports only rooms before it in the journey, never proxy.ts: no cycle", () => {
@@ -1627,7 +1642,7 @@ describe("Code map", () => {
       for (const name of imported) expect(`${room} imports ${name}`).toMatch(new RegExp(`^${room} imports (${ROOMS.slice(0, index).join("|")})$`));
     }
     const core = localImports(readFileSync(join(ROOT, "proxy.ts"), "utf8")).filter((name) => name !== "package.json");
-    expect(new Set(core)).toEqual(new Set(ROOMS.filter((room) => room !== "certificate")));
+    expect(new Set(core)).toEqual(new Set(ROOMS.filter((room) => room !== "certificate" && room !== "caller-tokens")));
   });
 
   test("each room says first what it holds and what it may import, stays within about 700 lines, and the README's code map names it", () => {
@@ -1638,7 +1653,7 @@ describe("Code map", () => {
       const header = text.slice(0, text.indexOf("*/"));
       expect(header.startsWith("/**"), room).toBe(true);
       // The header's list is the room's imports, exactly.
-      const declared = /Imports: ([a-z, ]+)[.(]/.exec(header)?.[1]?.trim().split(/,\s*/) ?? [];
+      const declared = /Imports: ([a-z, -]+)[.(]/.exec(header)?.[1]?.trim().split(/,\s*/) ?? [];
       const imported = localImports(text).filter((name) => name !== "package.json");
       expect(new Set(declared.filter((name) => name !== "nothing")), room).toEqual(new Set(imported));
       expect(text.split("\n").length, room).toBeLessThan(720);

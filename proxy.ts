@@ -27,12 +27,12 @@
  */
 import arg from "arg";
 import { readFileSync } from "node:fs";
-import { ABORTED_END, ACCESS_LINE_BYTES, accessLogEnabled, BYTES_IN, BYTES_OUT, CLIENT_REQUEST_ID, deferredLines, DEPLOYMENT, errorMessage, flushLogAtExit, LINE_END, log, MINUTE, MODEL, openLogOutput, pathOf, putAccessLineHead, putBytes, putIntegerField, putMillisField, putStringField, REQUEST_ID, reserveLog, SECOND, setLogLevel, TRUNCATED_END, TTFB_MS, UPSTREAM_MS, USAGE_FIELDS } from "./src/log.ts";
+import { ABORTED_END, ACCESS_LINE_BYTES, accessLogEnabled, BYTES_IN, BYTES_OUT, CALLER, CLIENT_REQUEST_ID, deferredLines, DEPLOYMENT, errorMessage, flushLogAtExit, LINE_END, log, MINUTE, MODEL, openLogOutput, pathOf, putAccessLineHead, putBytes, putIntegerField, putMillisField, putStringField, REQUEST_ID, reserveLog, SECOND, setLogLevel, TRUNCATED_END, TTFB_MS, UPSTREAM_MS, USAGE_FIELDS } from "./src/log.ts";
 import { type Config, configurationWarnings, type Environment, type Flags, KEEP_ALIVE_IDLE_SECONDS, loadConfig, outboundProxyFor, proxyAddress, readSetting, VERSION } from "./src/config.ts";
 import { bypassProxyFor, createIdentity, describeTokenError, type HeldToken, type Identity, tokenEndpoint, watchCertificateExpiry } from "./src/identity.ts";
-import { COUNTED, countStatus, deploymentLabel, type Metrics, newMetrics, noteRateLimits, observe, renderMetrics, type RequestSeries, requestSeries, UNCOUNTED_SERIES, upstreamErrorReason } from "./src/metrics.ts";
+import { COUNTED, countStatus, deploymentLabel, type Metrics, newMetrics, noteRateLimits, observe, renderMetrics, type RequestSeries, requestSeries, type SeriesSet, UNCOUNTED_SERIES, upstreamErrorReason } from "./src/metrics.ts";
 import { type Backend, buildRoutes, type FailoverReason, forwardedPath, matchRoute, type Route, type ScopeTokens, tokenManagers } from "./src/routes.ts";
-import { CALLER_KEYS_FILE_POLL_MS, CallerKeys, isWebSocketUpgrade, presentedCallerKey } from "./src/callers.ts";
+import { type Caller, CALLER_NAME, type CallerEntry, CALLER_KEYS_FILE_POLL_MS, Callers, isWebSocketUpgrade, readCallersFile, type Refusal } from "./src/callers.ts";
 import { type Attempts, attemptsOutcome, backendPath, checkConnect, chooseBackend, connectTimedOut, failoverReason, type HeldBody, heldBodyBytes, holdBody, idempotent, movesOnAfterFailure, noteBackendAnswer, REACHED_RECENTLY_MS, releaseHeldBody, SMALL_BODY_BYTES, STALLED } from "./src/pools.ts";
 import { countTokens, scannedUsage, scanUsageChunk, TOKENS_COUNTED, type Usage, usageEvents, usageInBody, type UsageScan, usageScanFor, usageScanned } from "./src/usage.ts";
 import { answered, idleTimerLifted, LIFT_IDLE_TIMER_AFTER_MS, liftIdleTimer, proxyError, putRouteFields, removeHopByHopHeaders, requestTarget, rewriteRequestHeaders, stalledUpload, unanswered } from "./src/http.ts";
@@ -360,12 +360,12 @@ function attemptFailed(req: Request, route: Route, backend: Backend, error: unkn
 }
 
 /** One forwarded request, the whole hot path: rewrite headers, send to the route's backends, strip the response's hop-by-hop headers, count, relay. */
-export async function forward(req: Request, method: string, target: string, authorization: string, route: Route, server: ProxyServer): Promise<Response> {
+export async function forward(req: Request, method: string, target: string, authorization: string, route: Route, server: ProxyServer, figures: SeriesSet): Promise<Response> {
   const startedAt = performance.now();
   const metrics = route.metrics;
   const path = forwardedPath(route, target);
   // Taken now, while the target's characters are fresh: read after the fetch, the first touch alone cost 160-200 ns (measured in place).
-  const series = COUNTED ? requestSeries(metrics, method, deploymentLabel(metrics, path)) : UNCOUNTED_SERIES;
+  const series = COUNTED ? requestSeries(metrics, method, deploymentLabel(metrics, path), figures) : UNCOUNTED_SERIES;
   const lift = setTimeout(liftIdleTimer, LIFT_IDLE_TIMER_AFTER_MS, server, req);
   // Counted as declared: measuring a chunked upload would mean relaying every request body through JavaScript.
   const bytesIn = Number(req.headers.get("content-length")) || 0;
@@ -643,7 +643,7 @@ function exchangeEnded(exchange: Exchange, how: ExchangeEnd): void {
   }
   if (TOKENS_COUNTED) {
     if (exchange.usageScan !== undefined) exchange.usage = scannedUsage(exchange.usageScan);
-    if (exchange.usage !== undefined) countTokens(metrics, series.deployment, exchange.usage);
+    if (exchange.usage !== undefined) countTokens(metrics, series.set, series.deployment, exchange.usage);
   }
   if (!accessLogEnabled) return;
   exchange.status = status;
@@ -653,7 +653,7 @@ function exchangeEnded(exchange: Exchange, how: ExchangeEnd): void {
 
 function writeAccessLine(exchange: Exchange): void {
   const { method, target, route, backend, startedAt, endedAt, status, series, requestId, clientRequestId, usage, end: how } = exchange;
-  const textLength = method.length + target.length + route.prefix.length + exchange.tried.length + (requestId?.length ?? 0) + (clientRequestId?.length ?? 0) + (usage?.model.length ?? 0);
+  const textLength = method.length + target.length + route.prefix.length + exchange.tried.length + (requestId?.length ?? 0) + (clientRequestId?.length ?? 0) + (usage?.model.length ?? 0) + (series.set.caller?.length ?? 0);
   if (!reserveLog(ACCESS_LINE_BYTES + 6 * textLength)) return;
   putAccessLineHead(method, target, status, startedAt, endedAt);
   putRouteFields(route, backend.name, exchange.attempts, exchange.tried);
@@ -662,6 +662,7 @@ function writeAccessLine(exchange: Exchange): void {
   putIntegerField(BYTES_IN, exchange.bytesIn);
   putIntegerField(BYTES_OUT, exchange.bytesOut);
   if (series.deployment !== "") putStringField(DEPLOYMENT, series.deployment);
+  if (series.set.caller !== undefined) putStringField(CALLER, series.set.caller);
   if (usage !== undefined) putUsageFields(usage);
   if (requestId !== null) putStringField(REQUEST_ID, requestId);
   if (clientRequestId !== null) putStringField(CLIENT_REQUEST_ID, clientRequestId);
@@ -709,21 +710,31 @@ interface ProxyState {
   routes: Route<TokenManager>[];
   tokens: TokenManager[];
   relay: Relay;
-  callerKeys: CallerKeys | undefined;
+  /** Who may call (a callers file, PROXY_API_KEYS, AUTH_PROXY_CALLER); undefined: anyone, unlabelled. */
+  callers: Callers | undefined;
   draining: boolean;
 }
 
-export function startProxy(config: Config, identity: Identity): RunningProxy {
+/** The callers a configuration names: its callers file's entries (read by main), its keys, or the sidecar's one app. */
+function callersOf(config: Config, metrics: Metrics, entries: CallerEntry[] | undefined): Callers | undefined {
+  const options = { audience: config.audience, authorityHost: config.authorityHost, sidecarCaller: config.callerName };
+  if (entries !== undefined) return new Callers(metrics, entries, options);
+  if (config.callerKeys !== undefined) return Callers.fromKeys(metrics, config.callerKeys.keys, config.authorityHost, "file" in config.callerKeys ? config.callerKeys.file : undefined);
+  return config.callerName === undefined ? undefined : new Callers(metrics, [], options);
+}
+
+export function startProxy(config: Config, identity: Identity, callerEntries?: CallerEntry[]): RunningProxy {
   const metrics = newMetrics();
   const routes = buildRoutes(config, (scope, labelled) => new TokenManager(identity, scope, labelled), metrics, process.env);
-  const callerKeys = config.callerKeys === undefined ? undefined : new CallerKeys(config.callerKeys);
+  const callers = callersOf(config, metrics, callerEntries);
   for (const route of routes) route.tokens.routePrefixes.push(route.prefix);
-  const state: ProxyState = { config, identity, metrics, routes, tokens: tokenManagers(routes), relay: { sessions: new Set(), metrics, onIdle: undefined }, callerKeys, draining: false };
+  const state: ProxyState = { config, identity, metrics, routes, tokens: tokenManagers(routes), relay: { sessions: new Set(), metrics, onIdle: undefined }, callers, draining: false };
   const server = listen(`${config.host}:${config.port}`, () => Bun.serve<RelaySession>(mainListener(state)));
   // kubelet's httpGet probes and Prometheus reach the pod IP while the proxy itself stays on 127.0.0.1.
   const admin = config.adminPort === undefined ? undefined : listen(`ADMIN_HOST:ADMIN_PORT ${config.adminHost}:${config.adminPort}`, () => Bun.serve(adminListener(state)));
-  const callerKeysPoll = callerKeys === undefined ? undefined : setInterval(() => callerKeys.reloadIfChanged(), CALLER_KEYS_FILE_POLL_MS);
+  const callerKeysPoll = config.callerKeys === undefined ? undefined : setInterval(() => callers!.reloadIfChanged(), CALLER_KEYS_FILE_POLL_MS);
   callerKeysPoll?.unref();
+  callers?.start();
   for (const manager of state.tokens) manager.start();
   const certificateWatch = watchCertificateExpiry(identity);
   const stopTimers = () => {
@@ -809,44 +820,56 @@ function mainListener(state: ProxyState): import("bun").Serve.Options<RelaySessi
 
 /** One request on the main listener, in the order the contract checks it. */
 function handleRequest(state: ProxyState, req: Request, server: ProxyServer): Response | Promise<Response | undefined> | undefined {
-  const { metrics, callerKeys } = state;
+  const { metrics, callers } = state;
   const method = req.method;
   const target = requestTarget(req.url);
   const own = ownEndpoint(state, method, target);
   if (own !== undefined) return own;
   // A reverse proxy, not a tunnel: CONNECT would ask it to open a socket to any host, TRACE echoes the request (and its keys).
   if (method === "CONNECT" || method === "TRACE") {
-    answered(metrics, method, target, 405, performance.now());
+    answered(metrics, method, target, 405, performance.now(), callers?.unknownSeries(method, target));
     return proxyError(405, "method_not_allowed", `auth-proxy is a reverse proxy; it does not forward ${method}`, {
       allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
       connection: "close",
     });
   }
   if (state.draining) {
-    answered(metrics, method, target, 503, performance.now());
+    answered(metrics, method, target, 503, performance.now(), callers?.unknownSeries(method, target));
     return proxyError(503, "shutting_down", "auth-proxy is shutting down", { connection: "close", "retry-after": "1" });
   }
-  if (callerKeys !== undefined && !callerKeys.accepts(presentedCallerKey(req.headers, target))) {
-    answered(metrics, method, target, 401, performance.now());
-    return proxyError(401, "invalid_api_key", "auth-proxy requires a valid caller key (PROXY_API_KEYS) in the api-key header or as Authorization: Bearer <key>", {
-      "www-authenticate": 'Bearer realm="auth-proxy"',
-    });
-  }
+  if (callers === undefined) return routed(state, req, server, method, target, metrics.anyone);
+  const caller = callers.identify(req.headers, target, Date.now());
+  if (caller instanceof Promise) return caller.then((settled) => admitted(state, req, server, method, target, settled));
+  return admitted(state, req, server, method, target, caller);
+}
+
+/** A caller identified goes on to its route; a refusal is counted under its caller (or `unknown`) and nothing is forwarded. */
+function admitted(state: ProxyState, req: Request, server: ProxyServer, method: string, target: string, caller: Caller | Refusal): Response | Promise<Response | undefined> | undefined {
+  if ("figures" in caller && !("code" in caller)) return routed(state, req, server, method, target, caller.figures);
+  const { metrics } = state;
+  caller.figures.rejections.set(caller.code, (caller.figures.rejections.get(caller.code) ?? 0) + 1);
+  answered(metrics, method, target, caller.status, performance.now(), requestSeries(metrics, method, deploymentLabel(metrics, target), caller.figures));
+  return proxyError(caller.status, caller.code, caller.message, caller.status === 401 ? { "www-authenticate": 'Bearer realm="auth-proxy"' } : {});
+}
+
+/** To the request's route with its scope's token, forwarded or relayed, counted under its caller's series. */
+function routed(state: ProxyState, req: Request, server: ProxyServer, method: string, target: string, figures: SeriesSet): Response | Promise<Response | undefined> | undefined {
+  const { metrics } = state;
   const route = matchRoute(state.routes, target);
   if (route === undefined) {
-    answered(metrics, method, target, 404, performance.now());
+    answered(metrics, method, target, 404, performance.now(), requestSeries(metrics, method, deploymentLabel(metrics, target), figures));
     return proxyError(404, "no_route", `no route of ${state.config.routesFile} takes ${pathOf(target)}`);
   }
   const now = Date.now();
   const token = route.tokens.usable(now);
   if (token === undefined) {
-    answered(metrics, method, target, 503, performance.now());
+    answered(metrics, method, target, 503, performance.now(), requestSeries(metrics, method, deploymentLabel(metrics, target), figures));
     return proxyError(503, "token_unavailable", `auth-proxy holds no valid Azure AD token: ${tokenUnavailableReason(state, route.tokens)}`, {
       "retry-after": String(route.tokens.retryAfterSeconds(now)),
     });
   }
-  if (isWebSocketUpgrade(req.headers)) return relayWebSocket(req, server, target, token.authorization, route, state.relay);
-  return forward(req, method, target, token.authorization, route, server);
+  if (isWebSocketUpgrade(req.headers)) return relayWebSocket(req, server, target, token.authorization, route, state.relay, figures);
+  return forward(req, method, target, token.authorization, route, server, figures);
 }
 
 /** The admin listener: the proxy's own endpoints only, never forwarded. */
@@ -931,6 +954,9 @@ Flags override the environment variables named beside them:
   --log-level <level>       LOG_LEVEL                debug, info, warn, error (info)
   --admin-port <n>          ADMIN_PORT               second listener for /health, /ready, /live, /metrics only (none)
   --admin-host <addr>       ADMIN_HOST               its address (0.0.0.0)
+  --callers <file>          AUTH_PROXY_CALLERS       YAML or JSON callers: a name, keys or an Entra app, routes each (off)
+  --audience <aud>          AUTH_PROXY_AUDIENCE      the aud Entra callers' tokens carry: the proxy's app ID URI or client ID
+  --caller <name>           AUTH_PROXY_CALLER        the one app behind a sidecar, named without a credential
   --check                   acquire one token, print a JSON summary, exit 0 (or 1 and why)
   --healthcheck             GET /health of the running proxy (HOST, PORT): exit 0 if 200, else 1
   --livecheck               GET /live of the running proxy: exit 0 if 200, else 1
@@ -965,6 +991,9 @@ const FLAG_SPEC = {
   "--log-level": String,
   "--admin-port": String,
   "--admin-host": String,
+  "--callers": String,
+  "--audience": String,
+  "--caller": String,
   "--check": Boolean,
   "--healthcheck": Boolean,
   "--livecheck": Boolean,
@@ -1107,6 +1136,31 @@ export async function check(config: Config, identity: Identity): Promise<never> 
   }
 }
 
+/**
+ * The callers file, read and checked before anything listens: every fault
+ * at once, and what only the whole configuration shows (an Entra caller
+ * without AUTH_PROXY_AUDIENCE, an AUTH_PROXY_CALLER the file does not name).
+ */
+function loadCallerEntries(config: Config, flags: Flags): CallerEntry[] | undefined {
+  if (config.callerName !== undefined && !CALLER_NAME.test(config.callerName)) {
+    fail([`AUTH_PROXY_CALLER=${config.callerName} must be lower-case letters, digits, '.', '_' or '-', starting with a letter or digit, at most 63`]);
+  }
+  if (config.callersFile === undefined) {
+    if (config.audience !== undefined) fail(["AUTH_PROXY_AUDIENCE is set without AUTH_PROXY_CALLERS: only a callers file's entra callers use it"]);
+    return undefined;
+  }
+  const source = readSetting("callersFile", process.env, flags).source;
+  const { callers, errors } = readCallersFile(config.callersFile, source, process.env);
+  if (callers.some((entry) => entry.entra !== undefined) && config.audience === undefined) {
+    errors.push(`${source}=${config.callersFile} has entra callers: set AUTH_PROXY_AUDIENCE to the proxy's app ID URI or client ID, the audience their tokens are for`);
+  }
+  if (config.callerName !== undefined && !callers.some((entry) => entry.name === config.callerName)) {
+    errors.push(`AUTH_PROXY_CALLER=${config.callerName} is no caller of ${config.callersFile}`);
+  }
+  if (errors.length > 0) fail(errors);
+  return callers;
+}
+
 export async function main(argv: string[]): Promise<void> {
   // Batched log lines reach stdout on every exit path, process.exit() included.
   process.on("exit", flushLogAtExit);
@@ -1126,6 +1180,7 @@ export async function main(argv: string[]): Promise<void> {
   const { config, errors } = loadConfig(process.env, flags);
   if (!config) fail(errors);
   setLogLevel(config.logLevel);
+  const callerEntries = loadCallerEntries(config, flags);
 
   // Before the credential is read: the process that replaces this one reads it again.
   if (!flags["--check"]) reexecWithFetchConcurrencyLimit();
@@ -1140,7 +1195,7 @@ export async function main(argv: string[]): Promise<void> {
 
   let proxy: RunningProxy;
   try {
-    proxy = startProxy(config, identity);
+    proxy = startProxy(config, identity, callerEntries);
   } catch (error) {
     fail([errorMessage(error)]);
   }
@@ -1156,6 +1211,9 @@ export async function main(argv: string[]): Promise<void> {
     ...outboundProxySummary(config),
     admin_listen: proxy.admin === undefined ? undefined : `${config.adminHost}:${proxy.admin.port}`,
     caller_keys: config.callerKeys === undefined ? "off" : "file" in config.callerKeys ? "PROXY_API_KEYS_FILE" : "PROXY_API_KEYS",
+    callers_file: config.callersFile,
+    callers: callerEntries?.map((entry) => entry.name),
+    caller: config.callerName,
   });
   for (const warning of configurationWarnings(config)) log("warn", warning);
 }

@@ -11,7 +11,10 @@
  *        (AB_ROUNDS=20, AB_SECONDS=3, AB_SSE=0 to measure throughput only)
  * An arm `binary::routes.yaml` runs that binary with a routes file instead of
  * API_BASE_URL, `@UPSTREAM@` in it replaced by the bench upstream's URL: the
- * same build with one upstream against ten routes, or a pool.
+ * same build with one upstream against ten routes, or a pool. An arm
+ * `binary+callers=callers.yaml` runs it with that callers file (`@TENANT@`
+ * the bench Entra ID's tenant): bench/post.lua's api-key is a key caller's,
+ * and with entra callers every arm's requests carry an Entra caller token.
  */
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -28,6 +31,10 @@ const ROUNDS = Number(process.env.AB_ROUNDS ?? 20);
 const SECONDS = Number(process.env.AB_SECONDS ?? 3);
 const CHAT_PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
 const children: Subprocess[] = [];
+/** The Entra caller of bench/callers-entra.yaml, and the audience its token is for. */
+const BENCH_CALLER_APP = "5f1c0000-0000-4000-8000-00000000be11";
+const BENCH_AUDIENCE = "api://auth-proxy-bench";
+let callerHeader: string | undefined;
 
 function serve(command: string[], env: Record<string, string | undefined> = {}): number {
   const child = Bun.spawn(["taskset", "-c", "1", ...command], { env: { PATH: process.env.PATH, ...env }, stdout: "ignore", stderr: "inherit" });
@@ -48,7 +55,8 @@ const TICK_US = 1e6 / Number(execFileSync("getconf", ["CLK_TCK"]).toString().tri
  */
 function postLoad(port: number, pid: number): { rps: number; cpuUs: number } {
   const before = cpuTicks(pid);
-  const output = execFileSync("taskset", ["-c", "0", "wrk", "-t1", "-c64", `-d${SECONDS}s`, "-s", join(ROOT, "bench/post.lua"), `http://127.0.0.1:${port}${CHAT_PATH}`]).toString();
+  const header = callerHeader === undefined ? [] : ["-H", callerHeader];
+  const output = execFileSync("taskset", ["-c", "0", "wrk", "-t1", "-c64", `-d${SECONDS}s`, ...header, "-s", join(ROOT, "bench/post.lua"), `http://127.0.0.1:${port}${CHAT_PATH}`]).toString();
   if (/Non-2xx|Socket errors/.test(output)) throw new Error(`wrk saw errors:\n${output}`);
   const requests = Number(/(\d+) requests in/.exec(output)![1]);
   return { rps: Number(/Requests\/sec:\s+([\d.]+)/.exec(output)![1]), cpuUs: ((cpuTicks(pid) - before) * TICK_US) / requests };
@@ -62,17 +70,25 @@ function sseTtfb(port: number): number {
 const work = mkdtempSync(join(tmpdir(), "auth-proxy-ab-"));
 try {
   const { entra, env: identityEnv } = benchEntra(work);
+  // Every arm gets the same request: with an Entra caller's token when one arm has entra callers (the others replace it).
+  if (binaries.some((spec) => spec.includes("+callers=") && readFileSync(spec.split("+callers=")[1]!, "utf8").includes("entra:"))) {
+    callerHeader = `Authorization: Bearer ${entra.mintCallerToken({ appId: BENCH_CALLER_APP, audience: BENCH_AUDIENCE, lifetimeSeconds: 86_400 })}`;
+  }
   const upstreamPort = freePort();
   serve([process.execPath, join(ROOT, "bench/upstream.ts"), String(upstreamPort)]);
   await waitForStatus(`http://127.0.0.1:${upstreamPort}/`);
   const env = { ...identityEnv, API_BASE_URL: `http://127.0.0.1:${upstreamPort}`, LOG_LEVEL: "info" };
   const ports = binaries.map(() => freePort());
-  const pids = binaries.map((arm, index) => {
+  const pids = binaries.map((spec, index) => {
+    // `binary+callers=file.yaml`: a callers file, @TENANT@ in it the bench Entra ID's tenant.
+    const [arm, callersTemplate] = spec.split("+callers=") as [string, string | undefined];
     const [binary, routesTemplate] = arm.split("::") as [string, string | undefined];
-    if (routesTemplate === undefined) return serve([binary], { ...env, PORT: String(ports[index]) });
+    const callers = callersTemplate === undefined ? {} : { AUTH_PROXY_CALLERS: join(work, `callers-${index}.yaml`), AUTH_PROXY_AUDIENCE: BENCH_AUDIENCE };
+    if (callersTemplate !== undefined) writeFileSync(callers.AUTH_PROXY_CALLERS!, readFileSync(callersTemplate, "utf8").replaceAll("@TENANT@", entra.tenantId));
+    if (routesTemplate === undefined) return serve([binary], { ...env, ...callers, PORT: String(ports[index]) });
     const routes = join(work, `routes-${index}.yaml`);
     writeFileSync(routes, readFileSync(routesTemplate, "utf8").replaceAll("@UPSTREAM@", env.API_BASE_URL));
-    return serve([binary], { ...env, API_BASE_URL: undefined, AUTH_PROXY_ROUTES: routes, PORT: String(ports[index]) });
+    return serve([binary], { ...env, ...callers, API_BASE_URL: undefined, AUTH_PROXY_ROUTES: routes, PORT: String(ports[index]) });
   });
   for (const port of ports) await waitForStatus(`http://127.0.0.1:${port}/health`);
 

@@ -57,6 +57,12 @@ export interface Config {
   shutdownTimeoutMs: number;
   /** PROXY_API_KEYS, or PROXY_API_KEYS_FILE (re-read when it changes): keys callers must present; none means open. */
   callerKeys: CallerKeySource | undefined;
+  /** AUTH_PROXY_CALLERS: the named callers' file (src/callers.ts reads it). */
+  callersFile: string | undefined;
+  /** AUTH_PROXY_AUDIENCE: the `aud` Entra callers' tokens must carry. */
+  audience: string | undefined;
+  /** AUTH_PROXY_CALLER: the one app behind a sidecar, named without a credential. */
+  callerName: string | undefined;
   /** ADMIN_PORT: a second listener for /health, /ready, /live and /metrics only (kubelet and Prometheus reach the pod IP). */
   adminPort: number | undefined;
   adminHost: string;
@@ -84,6 +90,9 @@ const SETTINGS = {
   sendCertificateChain: { env: "AZURE_CLIENT_SEND_CERTIFICATE_CHAIN", fallback: "false" },
   shutdownTimeout: { env: "SHUTDOWN_TIMEOUT", fallback: "25" },
   callerKeys: { env: "PROXY_API_KEYS" },
+  callersFile: { env: "AUTH_PROXY_CALLERS", flag: "--callers" },
+  audience: { env: "AUTH_PROXY_AUDIENCE", flag: "--audience" },
+  callerName: { env: "AUTH_PROXY_CALLER", flag: "--caller" },
   callerKeysFile: { env: "PROXY_API_KEYS_FILE" },
   adminPort: { env: "ADMIN_PORT", flag: "--admin-port" },
   adminHost: { env: "ADMIN_HOST", flag: "--admin-host", fallback: "0.0.0.0" },
@@ -229,6 +238,9 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
   }
 
   const callerKeys = loadCallerKeySource(raw.callerKeys, raw.callerKeysFile, errors);
+  if (raw.callersFile.value && (raw.callerKeys.value || raw.callerKeysFile.value)) {
+    errors.push(`set ${raw.callersFile.source} or ${raw.callerKeys.value ? "PROXY_API_KEYS" : "PROXY_API_KEYS_FILE"}, not both: the callers file names every caller and its keys`);
+  }
   const adminPort = adminPortSetting(raw, port, errors);
 
   if (errors.length > 0) return { errors };
@@ -255,6 +267,9 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
       logLevel: logLevel as LogLevel,
       shutdownTimeoutMs: shutdownTimeout * 1000,
       callerKeys,
+      callersFile: raw.callersFile.value,
+      audience: raw.audience.value,
+      callerName: raw.callerName.value,
       adminPort,
       adminHost: raw.adminHost.value!,
     },

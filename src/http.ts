@@ -7,7 +7,7 @@
  *
  * Imports: log, config, metrics, routes, pools.
  */
-import { ACCESS_LINE_BYTES, accessLogEnabled, ATTEMPTS, BACKEND, errorMessage, LINE_END, putAccessLineHead, putBytes, putIntegerField, putStringField, reserveLine, ROUTE, SECOND, TRIED } from "./log.ts";
+import { ACCESS_LINE_BYTES, accessLogEnabled, ATTEMPTS, BACKEND, CALLER, errorMessage, LINE_END, putAccessLineHead, putBytes, putIntegerField, putStringField, reserveLine, ROUTE, SECOND, TRIED } from "./log.ts";
 import { KEEP_ALIVE_IDLE_SECONDS } from "./config.ts";
 import { countStatus, deploymentLabel, type Metrics, type RequestSeries, requestSeries } from "./metrics.ts";
 import { type Route } from "./routes.ts";
@@ -148,9 +148,11 @@ export function answered(metrics: Metrics, method: string, target: string, statu
   countStatus(series, status);
   if (!accessLogEnabled) return;
   const tried = attempts?.tried ?? "";
-  if (!reserveLine(ACCESS_LINE_BYTES + 6 * (method.length + target.length + (route?.prefix.length ?? 0) + tried.length))) return;
+  const caller = series.set.caller;
+  if (!reserveLine(ACCESS_LINE_BYTES + 6 * (method.length + target.length + (route?.prefix.length ?? 0) + tried.length + (caller?.length ?? 0)))) return;
   putAccessLineHead(method, target, status, startedAt, performance.now());
   if (route !== undefined) putRouteFields(route, attempts?.backend?.name, attempts?.count ?? 0, tried);
+  if (caller !== undefined) putStringField(CALLER, caller);
   putBytes(LINE_END);
 }
 

@@ -342,6 +342,8 @@ export const DEPLOYMENT = asciiBytes(',"deployment":');
 
 export const ROUTE = asciiBytes(',"route":');
 
+export const CALLER = asciiBytes(',"caller":');
+
 export const BACKEND = asciiBytes(',"backend":');
 
 export const ATTEMPTS = asciiBytes(',"attempts":');

@@ -55,14 +55,37 @@ interface Histogram {
   count: number;
 }
 
-/** One method and deployment: its status codes and its three timings. */
+/** One method and deployment (of one caller, with callers): its status codes and its three timings. */
 export interface RequestSeries {
   method: string;
   deployment: string;
+  /** The caller's series this one belongs to: its label, its token series. */
+  set: SeriesSet;
   codes: Map<number, number>;
   upstreamHeaders: Histogram;
   responseEnd: Histogram;
   firstByte: Histogram;
+}
+
+/**
+ * The request and token series of one caller, or of every request where no
+ * caller is known (`caller` undefined: no caller label). Callers are the
+ * callers file's names, a key's hash prefix, or `unknown`: a closed set.
+ */
+export interface SeriesSet {
+  caller: string | undefined;
+  /** deployment -> series per method index. */
+  series: Map<string, (RequestSeries | undefined)[]>;
+  /** `deployment` NUL `model` -> its token counts. */
+  tokenSeries: Map<string, TokenSeries>;
+  /** The series the last counted answer went to (its model kept as a label), checked first. */
+  lastTokenSeries: TokenSeries | undefined;
+  /** Requests refused before forwarding, by reason (401 and 403 codes). */
+  rejections: Map<string, number>;
+}
+
+export function newSeriesSet(caller: string | undefined): SeriesSet {
+  return { caller, series: new Map(), tokenSeries: new Map(), lastTokenSeries: undefined, rejections: new Map() };
 }
 
 /** One deployment and model: the tokens its answers reported, by type (TOKEN_TYPES' order). */
@@ -76,18 +99,16 @@ interface TokenSeries {
 export const TOKEN_TYPES = ["input", "output", "cached_input", "reasoning"] as const;
 
 export interface Metrics {
-  /** deployment -> series per method index. */
-  series: Map<string, (RequestSeries | undefined)[]>;
+  /** Every request's series without callers; with callers, none. */
+  anyone: SeriesSet;
+  /** With callers: each caller's series, by its label. */
+  callers: Map<string, SeriesSet>;
   /** The deployment names kept as label values, at most MAX_DEPLOYMENT_LABELS. */
   deployments: Set<string>;
   /** The deployment of the last request that named a kept one, checked first. */
   lastDeployment: string;
-  /** `deployment` NUL `model` -> its token counts. */
-  tokenSeries: Map<string, TokenSeries>;
   /** The model names kept as label values, at most MAX_MODEL_LABELS. */
   models: Set<string>;
-  /** The series the last counted answer went to (its model kept as a label), checked first. */
-  lastTokenSeries: TokenSeries | undefined;
   requestsInFlight: number;
   requestBytes: number;
   responseBytes: number;
@@ -98,12 +119,11 @@ export interface Metrics {
 
 export function newMetrics(): Metrics {
   return {
-    series: new Map(),
+    anyone: newSeriesSet(undefined),
+    callers: new Map(),
     deployments: new Set(),
     lastDeployment: "",
-    tokenSeries: new Map(),
     models: new Set(),
-    lastTokenSeries: undefined,
     requestsInFlight: 0,
     requestBytes: 0,
     responseBytes: 0,
@@ -166,18 +186,26 @@ function newHistogram(): Histogram {
 }
 
 /** The series every request shares in the benchmark's uncounted build. */
-export const UNCOUNTED_SERIES: RequestSeries = { method: "other", deployment: "", codes: new Map(), upstreamHeaders: newHistogram(), responseEnd: newHistogram(), firstByte: newHistogram() };
+export const UNCOUNTED_SERIES: RequestSeries = { method: "other", deployment: "", set: newSeriesSet(undefined), codes: new Map(), upstreamHeaders: newHistogram(), responseEnd: newHistogram(), firstByte: newHistogram() };
 
-export function requestSeries(metrics: Metrics, method: string, deployment: string): RequestSeries {
-  let byMethod = metrics.series.get(deployment);
+/** A caller's series, made at its first request (callers are a closed set). */
+export function callerSeries(metrics: Metrics, caller: string): SeriesSet {
+  let set = metrics.callers.get(caller);
+  if (set === undefined) metrics.callers.set(caller, (set = newSeriesSet(caller)));
+  return set;
+}
+
+export function requestSeries(metrics: Metrics, method: string, deployment: string, set = metrics.anyone): RequestSeries {
+  let byMethod = set.series.get(deployment);
   if (byMethod === undefined) {
     byMethod = new Array(METRIC_METHODS.length);
-    metrics.series.set(deployment, byMethod);
+    set.series.set(deployment, byMethod);
   }
   const index = methodIndex(method);
   return (byMethod[index] ??= {
     method: METRIC_METHODS[index]!,
     deployment,
+    set,
     codes: new Map(),
     upstreamHeaders: newHistogram(),
     responseEnd: newHistogram(),
@@ -326,8 +354,10 @@ export function renderMetrics({ metrics, routes, tokens, certificate, websocketS
   family(lines, "auth_proxy_build_info", "gauge", "auth-proxy's version and the Bun it runs on; always 1.");
   lines.push(`auth_proxy_build_info{version="${escapeLabel(VERSION)}",bun_version="${escapeLabel(Bun.version)}"} 1`);
 
-  const allSeries = [...metrics.series.values()].flatMap((byMethod) => byMethod.filter((series) => series !== undefined));
-  const labelsOf = (series: RequestSeries) => `method="${series.method}",deployment="${escapeLabel(series.deployment)}"`;
+  const sets = [metrics.anyone, ...metrics.callers.values()];
+  const allSeries = sets.flatMap((set) => [...set.series.values()].flatMap((byMethod) => byMethod.filter((series) => series !== undefined)));
+  const callerLabel = (set: SeriesSet) => (set.caller === undefined ? "" : `caller="${escapeLabel(set.caller)}",`);
+  const labelsOf = (series: RequestSeries) => `${callerLabel(series.set)}method="${series.method}",deployment="${escapeLabel(series.deployment)}"`;
   family(lines, "auth_proxy_requests_total", "counter", "Requests answered, by method, status code sent to the client and Azure OpenAI deployment.");
   for (const series of allSeries) {
     for (const [code, count] of series.codes) lines.push(`auth_proxy_requests_total{${labelsOf(series)},code="${code}"} ${count}`);
@@ -380,9 +410,14 @@ export function renderMetrics({ metrics, routes, tokens, certificate, websocketS
   }
 
   family(lines, "auth_proxy_model_tokens_total", "counter", "Tokens the answers' usage reported, by deployment, model and type (cached_input is part of input, reasoning part of output).");
-  for (const series of metrics.tokenSeries.values()) {
-    const labels = `deployment="${escapeLabel(series.deployment)}",model="${escapeLabel(series.model)}"`;
+  for (const series of sets.flatMap((set) => [...set.tokenSeries.values()].map((tokens) => ({ ...tokens, set })))) {
+    const labels = `${callerLabel(series.set)}deployment="${escapeLabel(series.deployment)}",model="${escapeLabel(series.model)}"`;
     for (let type = 0; type < TOKEN_TYPES.length; type += 1) lines.push(`auth_proxy_model_tokens_total{${labels},type="${TOKEN_TYPES[type]}"} ${series.tokens[type]}`);
+  }
+
+  if (metrics.callers.size > 0) {
+    family(lines, "auth_proxy_caller_rejections_total", "counter", "Requests refused before forwarding, by caller (unknown when none was identified) and reason.");
+    for (const set of metrics.callers.values()) for (const [reason, count] of set.rejections) lines.push(`auth_proxy_caller_rejections_total{caller="${escapeLabel(set.caller!)}",reason="${reason}"} ${count}`);
   }
 
   backendLines(lines, routes.filter((route) => route.named || route.pooled), heldRequestBodyBytes);

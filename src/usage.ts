@@ -7,7 +7,7 @@
  * Imports: metrics.
  */
 import zlib from "node:zlib";
-import { boundedLabel, COUNTED, MAX_MODEL_LABELS, type Metrics, MODEL_NAME, TOKEN_TYPES } from "./metrics.ts";
+import { boundedLabel, COUNTED, MAX_MODEL_LABELS, type Metrics, MODEL_NAME, type SeriesSet, TOKEN_TYPES } from "./metrics.ts";
 
 /**
  * The tokens each answer's `usage` reports, read from the bytes as they
@@ -567,16 +567,16 @@ export function scannedUsage(scan: UsageScan): Usage | undefined {
   return scan.usage === undefined ? undefined : { model: scan.model, tokens: scan.usage };
 }
 
-/** Adds an answer's usage to `auth_proxy_model_tokens_total{deployment,model,type}`. */
-export function countTokens(metrics: Metrics, deployment: string, usage: Usage): void {
+/** Adds an answer's usage to `auth_proxy_model_tokens_total{[caller,]deployment,model,type}`. */
+export function countTokens(metrics: Metrics, set: SeriesSet, deployment: string, usage: Usage): void {
   // An app mostly calls one deployment and model: the last series is checked before the key is built.
-  let series = metrics.lastTokenSeries;
+  let series = set.lastTokenSeries;
   if (series === undefined || series.model !== usage.model || series.deployment !== deployment) {
     const model = usage.model === "" ? "" : boundedLabel(metrics.models, usage.model, MODEL_NAME, MAX_MODEL_LABELS);
     const key = `${deployment}\0${model}`;
-    series = metrics.tokenSeries.get(key);
-    if (series === undefined) metrics.tokenSeries.set(key, (series = { deployment, model, tokens: new Float64Array(TOKEN_TYPES.length) }));
-    if (model === usage.model) metrics.lastTokenSeries = series;
+    series = set.tokenSeries.get(key);
+    if (series === undefined) set.tokenSeries.set(key, (series = { deployment, model, tokens: new Float64Array(TOKEN_TYPES.length) }));
+    if (model === usage.model) set.lastTokenSeries = series;
   }
   for (let type = 0; type < TOKEN_TYPES.length; type += 1) if (usage.tokens[type]! > 0) series.tokens[type]! += usage.tokens[type]!;
 }

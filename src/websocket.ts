@@ -8,7 +8,7 @@
  */
 import { errorMessage, log, pathEnd, pathOf, SECOND } from "./log.ts";
 import { readBounded } from "./identity.ts";
-import { boundedLabel, DEPLOYMENT_NAME, deploymentLabel, MAX_DEPLOYMENT_LABELS, type Metrics, MODEL_NAME, TOKEN_TYPES, upstreamErrorReason } from "./metrics.ts";
+import { boundedLabel, DEPLOYMENT_NAME, deploymentLabel, MAX_DEPLOYMENT_LABELS, type Metrics, MODEL_NAME, requestSeries, type SeriesSet, TOKEN_TYPES, upstreamErrorReason } from "./metrics.ts";
 import { type FailoverReason, forwardedPath, type Route } from "./routes.ts";
 import { CREDENTIAL_QUERY_PARAMETERS, INSECURE_KEY_SUBPROTOCOL } from "./callers.ts";
 import { backendPath, chooseBackend, failoverReason, noteBackendAnswer } from "./pools.ts";
@@ -104,6 +104,8 @@ export interface RelaySession {
   resumePoll: ReturnType<typeof setInterval> | undefined;
   ended: boolean;
   metrics: Metrics;
+  /** Its caller's series (or everyone's): where its tokens are counted. */
+  figures: SeriesSet;
   /** The deployment label its tokens are counted under, from the path or the `deployment` query parameter. */
   deployment: string;
   /** The model `session.created` named, and the tokens of the session's responses so far (-1: none said). */
@@ -137,11 +139,13 @@ export async function relayWebSocket(
   authorization: string,
   route: Route,
   relay: Relay,
+  figures: SeriesSet,
 ): Promise<Response | undefined> {
   const startedAt = performance.now();
+  const counted = (status: number) => answered(route.metrics, req.method, target, status, startedAt, requestSeries(route.metrics, req.method, deploymentLabel(route.metrics, target), figures));
   const protocols = upstreamSubprotocols(req.headers.get("sec-websocket-protocol"));
   const fault = handshakeFault(req, protocols);
-  if (fault !== undefined) return badHandshake(req, target, fault, startedAt, route);
+  if (fault !== undefined) return badHandshake(fault, counted);
   // A fragment never belongs to a request (RFC 9112 section 3.2); fetch drops it, and so does the relay.
   const path = withoutCredentialParameters(withoutFragment(forwardedPath(route, target)));
   const headers = upstreamHandshakeHeaders(req.headers, authorization);
@@ -152,8 +156,8 @@ export async function relayWebSocket(
   let session: RelaySession;
   for (;;) {
     const backend = req.signal.aborted ? undefined : chooseBackend(route.backends, tried, Date.now());
-    if (backend === undefined && refused !== undefined) return refusedHandshake(req, target, refused.handshake, refused.failure, startedAt, route);
-    if (backend === undefined) return unanswered(req, req.method, target, route, { response: undefined, error: undefined, backend: undefined, count: 0, tried: "" }, startedAt, undefined, server);
+    if (backend === undefined && refused !== undefined) return refusedHandshake(req, refused.handshake, refused.failure, route, counted);
+    if (backend === undefined) return unanswered(req, req.method, target, route, { response: undefined, error: undefined, backend: undefined, count: 0, tried: "" }, startedAt, requestSeries(route.metrics, req.method, deploymentLabel(route.metrics, target), figures), server);
     if (refused !== undefined) route.failovers[refused.reason!] += 1;
     tried |= 1 << backend.index;
     const url = backend.url + backendPath(backend, path);
@@ -168,15 +172,15 @@ export async function relayWebSocket(
       });
     } catch (error) {
       // Bun's client refuses what it cannot send (a malformed URL or protocol): the client's handshake was at fault.
-      return badHandshake(req, target, errorMessage(error), startedAt, route);
+      return badHandshake(errorMessage(error), counted);
     }
-    session = newSession(socket, target, deployment, startedAt, relay);
+    session = newSession(socket, target, deployment, startedAt, relay, figures);
     const failure = await upstreamHandshake(socket, req.signal);
     if (failure === undefined) break;
     const status = refusalStatus(failure);
     if (!req.signal.aborted) noteBackendAnswer(route, backend, status, new Headers(), Date.now());
     refused = { handshake: { url, headers, origin: backend.origin }, failure, reason: status === undefined ? "unreachable" : failoverReason(status) };
-    if (refused.reason === undefined || !route.pooled) return refusedHandshake(req, target, refused.handshake, failure, startedAt, route);
+    if (refused.reason === undefined || !route.pooled) return refusedHandshake(req, refused.handshake, failure, route, counted);
   }
 
   const socket = session.upstream;
@@ -222,7 +226,7 @@ function noteRealtimeEvent(session: RelaySession, frame: string): void {
   // The same reader and rules as for HTTP answers: the usage is the event's `response` object's own.
   const tokens = usageInBody(Buffer.from(frame))?.tokens;
   if (tokens === undefined) return;
-  countTokens(session.metrics, session.deployment, { model: session.model, tokens });
+  countTokens(session.metrics, session.figures, session.deployment, { model: session.model, tokens });
   for (let type = 0; type < tokens.length; type += 1) if (tokens[type]! >= 0) session.tokens[type] = Math.max(session.tokens[type]!, 0) + tokens[type]!;
 }
 
@@ -236,7 +240,7 @@ function sessionUsageFields(session: RelaySession): Record<string, string | numb
 }
 
 /** A session for an upstream socket whose handshake is under way: its frames queue until the client's upgrade completes. */
-function newSession(socket: WebSocket, target: string, deployment: string, startedAt: number, relay: Relay): RelaySession {
+function newSession(socket: WebSocket, target: string, deployment: string, startedAt: number, relay: Relay, figures: SeriesSet): RelaySession {
   socket.binaryType = "nodebuffer";
   const session: RelaySession = {
     path: pathOf(target),
@@ -254,6 +258,7 @@ function newSession(socket: WebSocket, target: string, deployment: string, start
     resumePoll: undefined,
     ended: false,
     metrics: relay.metrics,
+    figures,
     deployment,
     model: "",
     tokens: [-1, -1, -1, -1],
@@ -293,8 +298,8 @@ function handshakeFault(req: Request, protocols: string[]): string | undefined {
   return undefined;
 }
 
-function badHandshake(req: Request, target: string, fault: string, startedAt: number, route: Route): Response {
-  answered(route.metrics, req.method, target, 400, startedAt);
+function badHandshake(fault: string, counted: (status: number) => void): Response {
+  counted(400);
   return proxyError(400, "bad_websocket_handshake", `malformed WebSocket upgrade: ${fault}`);
 }
 
@@ -334,10 +339,10 @@ function upstreamHandshake(socket: WebSocket, clientGone: AbortSignal): Promise<
  * followed: when it gets the same status, the client gets that answer
  * (status, headers, body); otherwise the status with a body naming it.
  */
-async function refusedHandshake(req: Request, target: string, handshake: UpstreamHandshake, failure: string, startedAt: number, route: Route): Promise<Response> {
+async function refusedHandshake(req: Request, handshake: UpstreamHandshake, failure: string, route: Route, counted: (status: number) => void): Promise<Response> {
   const metrics = route.metrics;
   if (req.signal.aborted) {
-    answered(metrics, req.method, target, 499, startedAt);
+    counted(499);
     return new Response(null, { status: 499 });
   }
   const status = refusalStatus(failure);
@@ -346,14 +351,14 @@ async function refusedHandshake(req: Request, target: string, handshake: Upstrea
     metrics.websocketSessionsTotal.refused += 1;
     const refusal = (await upstreamRefusal(handshake, status, req.signal)) ??
       proxyError(status, "upstream_refused_websocket", `the upstream refused the WebSocket handshake with HTTP ${status}`);
-    answered(metrics, req.method, target, status, startedAt);
+    counted(status);
     return refusal;
   }
   const reason = failure.replace(/^WebSocket connection to '[^']*' failed: /, "");
   log("warn", "upstream unreachable", { upstream: handshake.origin, error: reason });
   metrics.websocketSessionsTotal.failed += 1;
   metrics.upstreamErrors[upstreamErrorReason({ message: reason }, false)] += 1;
-  answered(metrics, req.method, target, 502, startedAt);
+  counted(502);
   return proxyError(502, "upstream_unreachable", `auth-proxy could not open a WebSocket to ${handshake.origin}: ${reason}`);
 }
 
@@ -499,6 +504,7 @@ function endSession(session: RelaySession, relay: Relay): void {
   relay.metrics.websocketSessionsTotal.completed += 1;
   log("info", "websocket session", {
     path: session.path,
+    caller: session.figures.caller,
     upstream_status: 101,
     closed_by: session.closedBy,
     close_code: session.closeCode,

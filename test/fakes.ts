@@ -9,6 +9,11 @@ import type { AddressInfo } from "node:net";
 import { gzipSync } from "node:zlib";
 
 const b64url = (buffer: Buffer) => buffer.toString("base64url");
+
+function newSigningKey(): { kid: string; privateKey: KeyObject; publicKey: KeyObject } {
+  const { privateKey, publicKey } = generateKeyPairSync("rsa", { modulusLength: 2048 });
+  return { kid: b64url(randomBytes(9)), privateKey, publicKey };
+}
 const sha256Hex = (data: Buffer | string) => createHash("sha256").update(data).digest("hex");
 
 // ---------------------------------------------------------------- Entra ID
@@ -150,8 +155,53 @@ export class FakeEntraId {
     );
   }
 
+  /** Fetches of the signing keys (JWKS), as a caller-token verifier makes them. */
+  keysFetches = 0;
+  /** The keys Entra signs the access tokens apps get for the proxy with; rotated by `rotateSigningKey`. */
+  private signingKeys: { kid: string; privateKey: KeyObject; publicKey: KeyObject }[] = [newSigningKey()];
+
+  /** A new current key, published beside the old one unless `dropOld`: as Entra rolls its keys. */
+  rotateSigningKey(dropOld = false): void {
+    this.signingKeys = dropOld ? [newSigningKey()] : [newSigningKey(), ...this.signingKeys];
+  }
+
+  /**
+   * An access token as Entra issues one to an app for another API (the
+   * proxy): RS256 over the tenant's current key, v2 (`azp`, iss
+   * `<authority>/<tenant>/v2.0`) or v1 (`appid`, iss sts.windows.net).
+   * `claims` overrides any claim; `header` the JOSE header.
+   */
+  mintCallerToken(options: { appId: string; audience: string; version?: 1 | 2; lifetimeSeconds?: number; claims?: Record<string, unknown>; header?: Record<string, unknown>; key?: KeyObject }): string {
+    const now = Math.floor(Date.now() / 1000);
+    const version = options.version ?? 2;
+    const claims = {
+      aud: options.audience,
+      iss: version === 2 ? `${this.authorityHost}/${this.tenantId}/v2.0` : `https://sts.windows.net/${this.tenantId}/`,
+      iat: now,
+      nbf: now,
+      exp: now + (options.lifetimeSeconds ?? 3600),
+      ...(version === 2 ? { azp: options.appId, azpacr: "2", ver: "2.0" } : { appid: options.appId, appidacr: "2", ver: "1.0" }),
+      oid: "7d9c4a2e-0000-4000-8000-00000000c0de",
+      sub: "7d9c4a2e-0000-4000-8000-00000000c0de",
+      tid: this.tenantId,
+      roles: [],
+      ...options.claims,
+    };
+    const current = this.signingKeys[0]!;
+    const header = { typ: "JWT", alg: "RS256", kid: current.kid, ...options.header };
+    const signed = `${b64url(Buffer.from(JSON.stringify(header)))}.${b64url(Buffer.from(JSON.stringify(claims)))}`;
+    return `${signed}.${b64url(sign("sha256", Buffer.from(signed), options.key ?? current.privateKey))}`;
+  }
+
   private async handle(req: Request): Promise<Response> {
     const url = new URL(req.url);
+    if (url.pathname === `/${this.tenantId}/v2.0/.well-known/openid-configuration`) {
+      return Response.json({ issuer: `${this.authorityHost}/${this.tenantId}/v2.0`, jwks_uri: `${this.authorityHost}/${this.tenantId}/discovery/v2.0/keys`, token_endpoint: this.tokenEndpoint, id_token_signing_alg_values_supported: ["RS256"] });
+    }
+    if (url.pathname === `/${this.tenantId}/discovery/v2.0/keys`) {
+      this.keysFetches += 1;
+      return Response.json({ keys: this.signingKeys.map(({ kid, publicKey }) => ({ kty: "RSA", use: "sig", kid, x5t: kid, ...publicKey.export({ format: "jwk" }) })) });
+    }
     if (url.pathname !== `/${this.tenantId}/oauth2/v2.0/token`) {
       if (url.pathname.endsWith("/oauth2/v2.0/token")) {
         return this.aadError(400, "invalid_request", 90002, `Tenant '${url.pathname.split("/")[1]}' not found.`);
