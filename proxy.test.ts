@@ -1439,7 +1439,7 @@ describe("Deployment artifacts", () => {
     expect(routes.map((route) => [route.prefix, route.scope])).toEqual([["/search", "https://search.azure.com/.default"], ["/", "https://cognitiveservices.azure.com/.default"]]);
     expect(configurationWarnings({ routes, routesFile: env.AUTH_PROXY_ROUTES, authMode: "workload-identity", certificatePath: "", certificatePathSource: "" })).toEqual([]);
     expect(proxy.startupProbe.httpGet).toEqual({ path: "/health", port: "admin" });
-    expect(readFileSync(join(ROOT, "deploy/kubernetes/routes-sidecar.yaml"), "utf8")).toContain("kubectl rollout restart deployment/rag-app");
+    expect(readFileSync(join(ROOT, "deploy/kubernetes/routes-sidecar.yaml"), "utf8")).toContain("reads it again\n# when it changes");
   });
 
   test("the workload-identity variant: an annotated ServiceAccount, the webhook's pod label, no certificate, and the webhook's variables choose the mode", () => {
@@ -1632,7 +1632,7 @@ describe("Deployment artifacts", () => {
 
 describe("Code map", () => {
   /** The rooms in journey order: a module may import only those before it, and none imports proxy.ts. */
-  const ROOMS = ["log", "config", "certificate", "identity", "metrics", "routes", "caller-tokens", "callers", "pools", "usage", "http", "websocket"];
+  const ROOMS = ["log", "config", "certificate", "identity", "metrics", "routes", "caller-tokens", "callers", "reload", "pools", "usage", "http", "websocket"];
   const localImports = (text: string) => [...text.matchAll(/^import [^;]*? from "\.{1,2}\/(?:src\/)?([\w.-]+?)(?:\.ts)?";$/gm)].map((match) => match[1]!);
 
   test("proxy.ts imports the rooms; each room imports only rooms before it in the journey, never proxy.ts: no cycle", () => {

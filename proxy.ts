@@ -32,9 +32,10 @@ import { type Config, configurationWarnings, type Environment, type Flags, KEEP_
 import { bypassProxyFor, createIdentity, describeTokenError, type HeldToken, type Identity, tokenEndpoint, watchCertificateExpiry } from "./src/identity.ts";
 import { COUNTED, countStatus, deploymentLabel, type Metrics, newMetrics, noteRateLimits, observe, renderMetrics, type RequestSeries, requestSeries, type SeriesSet, UNCOUNTED_SERIES, upstreamErrorReason } from "./src/metrics.ts";
 import { type Backend, buildRoutes, type FailoverReason, forwardedPath, matchRoute, type Route, type ScopeTokens, tokenManagers } from "./src/routes.ts";
-import { type Caller, CALLER_NAME, type CallerEntry, CALLER_KEYS_FILE_POLL_MS, Callers, isWebSocketUpgrade, readCallersFile, type Refusal } from "./src/callers.ts";
+import { type Caller, type CallerEntry, callerEntriesOf, CALLER_KEYS_FILE_POLL_MS, type Callers, callersFor, isWebSocketUpgrade, type Refusal } from "./src/callers.ts";
 import { type Attempts, attemptsOutcome, backendPath, checkConnect, chooseBackend, connectTimedOut, failoverReason, type HeldBody, heldBodyBytes, holdBody, idempotent, movesOnAfterFailure, noteBackendAnswer, REACHED_RECENTLY_MS, releaseHeldBody, SMALL_BODY_BYTES, STALLED } from "./src/pools.ts";
 import { countTokens, scannedUsage, scanUsageChunk, TOKENS_COUNTED, type Usage, usageEvents, usageInBody, type UsageScan, usageScanFor, usageScanned } from "./src/usage.ts";
+import { CONFIG_POLL_MS, newReloadCounts, readWatched, reloadedCallers, reloadedRoutes, type ReloadCounts, reloadFiles, type WatchedFile } from "./src/reload.ts";
 import { answered, idleTimerLifted, LIFT_IDLE_TIMER_AFTER_MS, liftIdleTimer, proxyError, putRouteFields, removeHopByHopHeaders, requestTarget, rewriteRequestHeaders, stalledUpload, unanswered } from "./src/http.ts";
 import { clientClosed, clientDrained, clientOpened, closeBoth, MAX_WEBSOCKET_FRAME_BYTES, type ProxyServer, type Relay, type RelaySession, relayToUpstream, relayWebSocket, WEBSOCKET_PING_SECONDS } from "./src/websocket.ts";
 
@@ -688,6 +689,8 @@ const METRICS_HEADERS = { "content-type": "text/plain; version=0.0.4; charset=ut
 
 export interface RunningProxy {
   server: ReturnType<typeof Bun.serve>;
+  /** Reads the routes and callers files again (SIGHUP), changed or not. */
+  reload(trigger: string): void;
   /** The admin listener (ADMIN_PORT), when configured. */
   admin: ReturnType<typeof Bun.serve> | undefined;
   shutdown(signal: string): Promise<void>;
@@ -712,23 +715,25 @@ interface ProxyState {
   relay: Relay;
   /** Who may call (a callers file, PROXY_API_KEYS, AUTH_PROXY_CALLER); undefined: anyone, unlabelled. */
   callers: Callers | undefined;
+  /** The routes and callers files, read again when they change: `routes`, `tokens` and `callers` are replaced whole, never edited. */
+  watched: WatchedFile[];
+  reloads: ReloadCounts;
   draining: boolean;
-}
-
-/** The callers a configuration names: its callers file's entries (read by main), its keys, or the sidecar's one app. */
-function callersOf(config: Config, metrics: Metrics, entries: CallerEntry[] | undefined): Callers | undefined {
-  const options = { audience: config.audience, authorityHost: config.authorityHost, sidecarCaller: config.callerName };
-  if (entries !== undefined) return new Callers(metrics, entries, options);
-  if (config.callerKeys !== undefined) return Callers.fromKeys(metrics, config.callerKeys.keys, config.authorityHost, "file" in config.callerKeys ? config.callerKeys.file : undefined);
-  return config.callerName === undefined ? undefined : new Callers(metrics, [], options);
 }
 
 export function startProxy(config: Config, identity: Identity, callerEntries?: CallerEntry[]): RunningProxy {
   const metrics = newMetrics();
   const routes = buildRoutes(config, (scope, labelled) => new TokenManager(identity, scope, labelled), metrics, process.env);
-  const callers = callersOf(config, metrics, callerEntries);
+  const callers = callersFor(config, metrics, callerEntries);
   for (const route of routes) route.tokens.routePrefixes.push(route.prefix);
-  const state: ProxyState = { config, identity, metrics, routes, tokens: tokenManagers(routes), relay: { sessions: new Set(), metrics, onIdle: undefined }, callers, draining: false };
+  const watched: WatchedFile[] = [];
+  if (config.routesFile !== undefined) watched.push({ file: "routes", path: config.routesFile, source: readSetting("routesFile", process.env, {}).value === config.routesFile ? "AUTH_PROXY_ROUTES" : "--routes", text: undefined });
+  if (config.callersFile !== undefined) watched.push({ file: "callers", path: config.callersFile, source: readSetting("callersFile", process.env, {}).value === config.callersFile ? "AUTH_PROXY_CALLERS" : "--callers", text: undefined });
+  for (const file of watched) {
+    const read = readWatched(file);
+    if ("text" in read) file.text = read.text;
+  }
+  const state: ProxyState = { config, identity, metrics, routes, tokens: tokenManagers(routes), relay: { sessions: new Set(), metrics, onIdle: undefined }, callers, watched, reloads: newReloadCounts(), draining: false };
   const server = listen(`${config.host}:${config.port}`, () => Bun.serve<RelaySession>(mainListener(state)));
   // kubelet's httpGet probes and Prometheus reach the pod IP while the proxy itself stays on 127.0.0.1.
   const admin = config.adminPort === undefined ? undefined : listen(`ADMIN_HOST:ADMIN_PORT ${config.adminHost}:${config.adminPort}`, () => Bun.serve(adminListener(state)));
@@ -737,11 +742,48 @@ export function startProxy(config: Config, identity: Identity, callerEntries?: C
   callers?.start();
   for (const manager of state.tokens) manager.start();
   const certificateWatch = watchCertificateExpiry(identity);
+  const configPoll = watched.length === 0 ? undefined : setInterval(() => reloadChanged(state, "file changed"), CONFIG_POLL_MS);
+  configPoll?.unref();
   const stopTimers = () => {
     clearInterval(certificateWatch);
     clearInterval(callerKeysPoll);
+    clearInterval(configPoll);
   };
-  return { server, admin, shutdown: shutdownOnce(state, server, admin, stopTimers) };
+  return { server, admin, reload: (trigger) => reloadChanged(state, trigger, true), shutdown: shutdownOnce(state, server, admin, stopTimers) };
+}
+
+/** The routes and callers files read again (src/reload.ts); a good one replaces its table. */
+function reloadChanged(state: ProxyState, trigger: string, always = false): void {
+  if (state.draining) return;
+  reloadFiles(state.watched, state.reloads, trigger, always, (watched, text) => (watched.file === "routes" ? reloadRoutes(state, watched, text) : reloadCallers(state, watched, text)), (watched) =>
+    watched.file === "routes" ? { routes: state.routes.map((route) => route.prefix) } : { callers: state.callers?.names() },
+  );
+}
+
+/** A new routes table: scopes already held keep their token (a new one is asked for at once), backends their state. */
+function reloadRoutes(state: ProxyState, watched: WatchedFile, text: string): string[] | undefined {
+  const held = new Map(state.tokens.map((manager) => [manager.scope, manager]));
+  const result = reloadedRoutes(text, watched, state.config, state.routes, (scope, labelled) => held.get(scope) ?? new TokenManager(state.identity, scope, labelled), state.metrics, process.env);
+  if ("faults" in result) return result.faults;
+  const before = state.tokens;
+  const tokens = tokenManagers(result.routes);
+  for (const manager of tokens) manager.routePrefixes.length = 0;
+  for (const route of result.routes) route.tokens.routePrefixes.push(route.prefix);
+  state.routes = result.routes;
+  state.tokens = tokens;
+  for (const manager of tokens) if (!before.includes(manager)) manager.start();
+  for (const manager of before) if (!tokens.includes(manager)) manager.stop();
+  for (const warning of result.warnings) log("warn", warning);
+  return undefined;
+}
+
+/** A new callers table: a removed caller's next request is refused; each caller's counts go on under its name. */
+function reloadCallers(state: ProxyState, watched: WatchedFile, text: string): string[] | undefined {
+  const result = reloadedCallers(text, watched, state.config, process.env);
+  if ("faults" in result) return result.faults;
+  state.callers = callersFor(state.config, state.metrics, result.callers);
+  state.callers?.start();
+  return undefined;
 }
 
 /** Why a scope has no token; with several scopes, which one it is. */
@@ -782,8 +824,9 @@ function ready(state: ProxyState, method: string): Response {
   return new Response(method === "HEAD" ? null : body, { status: serving ? 200 : 503, headers: JSON_HEADERS });
 }
 
-function metricsPage({ metrics, routes, tokens, identity, relay }: ProxyState, method: string): Response {
-  const text = renderMetrics({ metrics, routes, tokens, certificate: identity.certificate, websocketSessionsOpen: relay.sessions.size, heldRequestBodyBytes: heldBodyBytes });
+function metricsPage({ metrics, routes, tokens, identity, relay, watched, reloads }: ProxyState, method: string): Response {
+  const configReloads = Object.fromEntries(watched.map(({ file }) => [file, reloads[file]]));
+  const text = renderMetrics({ metrics, routes, tokens, certificate: identity.certificate, websocketSessionsOpen: relay.sessions.size, heldRequestBodyBytes: heldBodyBytes, configReloads });
   return new Response(method === "HEAD" ? null : text, { headers: METRICS_HEADERS });
 }
 
@@ -1136,31 +1179,6 @@ export async function check(config: Config, identity: Identity): Promise<never> 
   }
 }
 
-/**
- * The callers file, read and checked before anything listens: every fault
- * at once, and what only the whole configuration shows (an Entra caller
- * without AUTH_PROXY_AUDIENCE, an AUTH_PROXY_CALLER the file does not name).
- */
-function loadCallerEntries(config: Config, flags: Flags): CallerEntry[] | undefined {
-  if (config.callerName !== undefined && !CALLER_NAME.test(config.callerName)) {
-    fail([`AUTH_PROXY_CALLER=${config.callerName} must be lower-case letters, digits, '.', '_' or '-', starting with a letter or digit, at most 63`]);
-  }
-  if (config.callersFile === undefined) {
-    if (config.audience !== undefined) fail(["AUTH_PROXY_AUDIENCE is set without AUTH_PROXY_CALLERS: only a callers file's entra callers use it"]);
-    return undefined;
-  }
-  const source = readSetting("callersFile", process.env, flags).source;
-  const { callers, errors } = readCallersFile(config.callersFile, source, process.env);
-  if (callers.some((entry) => entry.entra !== undefined) && config.audience === undefined) {
-    errors.push(`${source}=${config.callersFile} has entra callers: set AUTH_PROXY_AUDIENCE to the proxy's app ID URI or client ID, the audience their tokens are for`);
-  }
-  if (config.callerName !== undefined && !callers.some((entry) => entry.name === config.callerName)) {
-    errors.push(`AUTH_PROXY_CALLER=${config.callerName} is no caller of ${config.callersFile}`);
-  }
-  if (errors.length > 0) fail(errors);
-  return callers;
-}
-
 export async function main(argv: string[]): Promise<void> {
   // Batched log lines reach stdout on every exit path, process.exit() included.
   process.on("exit", flushLogAtExit);
@@ -1180,7 +1198,9 @@ export async function main(argv: string[]): Promise<void> {
   const { config, errors } = loadConfig(process.env, flags);
   if (!config) fail(errors);
   setLogLevel(config.logLevel);
-  const callerEntries = loadCallerEntries(config, flags);
+  const callersRead = callerEntriesOf(config, readSetting("callersFile", process.env, flags).source);
+  if ("errors" in callersRead) fail(callersRead.errors);
+  const callerEntries = callersRead.entries;
 
   // Before the credential is read: the process that replaces this one reads it again.
   if (!flags["--check"]) reexecWithFetchConcurrencyLimit();
@@ -1203,6 +1223,8 @@ export async function main(argv: string[]): Promise<void> {
   for (const signal of ["SIGTERM", "SIGINT"] as const) {
     process.on(signal, () => void proxy.shutdown(signal).then(() => process.exit(0)));
   }
+  // SIGHUP reads the routes and callers files again (and never stops the proxy, as its default would).
+  process.on("SIGHUP", () => proxy.reload("SIGHUP"));
   log("info", "auth-proxy started", {
     version: VERSION,
     listen: `${config.host}:${proxy.server.port}`,

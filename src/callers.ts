@@ -10,7 +10,7 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import { readFileSync, statSync } from "node:fs";
 import { errorMessage, log, pathOf, SECOND, unreadableReason } from "./log.ts";
-import { readCallerKeysFile } from "./config.ts";
+import { type Config, readCallerKeysFile } from "./config.ts";
 import { callerSeries, deploymentLabel, endsPathSegment, type Metrics, type RequestSeries, requestSeries, type SeriesSet } from "./metrics.ts";
 import { CallerTokens, looksLikeJwt, type TokenVerdict } from "./caller-tokens.ts";
 
@@ -189,6 +189,11 @@ export class Callers {
     this.tokens?.start();
   }
 
+  /** The callers' names, for log lines. */
+  names(): string[] {
+    return [...new Set([...this.keys.map((known) => known.caller.name), ...(this.tokens?.callers() ?? []).map((caller) => caller.name), ...(this.sidecar ? [this.sidecar.name] : [])])];
+  }
+
   /** The series of a request refused before anyone could be identified (405, 503 while draining). */
   unknownSeries(method: string, target: string): RequestSeries {
     return requestSeries(this.metrics, method, deploymentLabel(this.metrics, target), this.unknown);
@@ -320,4 +325,34 @@ export function presentedCallerKey(headers: Headers, target: string): string | u
   }
   const query = target.indexOf("?") === -1 ? "" : target.slice(target.indexOf("?") + 1);
   return new URLSearchParams(query).get("api-key") ?? undefined;
+}
+
+/** The callers a configuration names: its callers file's entries, its keys, or the sidecar's one app; undefined: anyone, unlabelled. */
+export function callersFor(config: Config, metrics: Metrics, entries: CallerEntry[] | undefined): Callers | undefined {
+  const options = { audience: config.audience, authorityHost: config.authorityHost, sidecarCaller: config.callerName };
+  if (entries !== undefined) return new Callers(metrics, entries, options);
+  if (config.callerKeys !== undefined) return Callers.fromKeys(metrics, config.callerKeys.keys, config.authorityHost, "file" in config.callerKeys ? config.callerKeys.file : undefined);
+  return config.callerName === undefined ? undefined : new Callers(metrics, [], options);
+}
+
+/**
+ * The callers file, read and checked before anything listens: every fault
+ * at once, and what only the whole configuration shows (an Entra caller
+ * without AUTH_PROXY_AUDIENCE, an AUTH_PROXY_CALLER the file does not name).
+ */
+export function callerEntriesOf(config: Config, source: string): { entries: CallerEntry[] | undefined } | { errors: string[] } {
+  if (config.callerName !== undefined && !CALLER_NAME.test(config.callerName)) {
+    return { errors: [`AUTH_PROXY_CALLER=${config.callerName} must be lower-case letters, digits, '.', '_' or '-', starting with a letter or digit, at most 63`] };
+  }
+  if (config.callersFile === undefined) {
+    return config.audience === undefined ? { entries: undefined } : { errors: ["AUTH_PROXY_AUDIENCE is set without AUTH_PROXY_CALLERS: only a callers file's entra callers use it"] };
+  }
+  const { callers, errors } = readCallersFile(config.callersFile, source, process.env);
+  if (callers.some((entry) => entry.entra !== undefined) && config.audience === undefined) {
+    errors.push(`${source}=${config.callersFile} has entra callers: set AUTH_PROXY_AUDIENCE to the proxy's app ID URI or client ID, the audience their tokens are for`);
+  }
+  if (config.callerName !== undefined && !callers.some((entry) => entry.name === config.callerName)) {
+    errors.push(`AUTH_PROXY_CALLER=${config.callerName} is no caller of ${config.callersFile}`);
+  }
+  return errors.length > 0 ? { errors } : { entries: callers };
 }

@@ -47,6 +47,8 @@ export interface Config {
   routes: RouteConfig[];
   /** AUTH_PROXY_ROUTES (or --routes): with it, logs and metrics name routes and scopes. */
   routesFile: string | undefined;
+  /** AUTH_PROXY_CONNECT_TIMEOUT: the connect bound of a backend that names none (a reloaded routes file's too). */
+  defaultConnectTimeoutMs: number;
   host: string;
   port: number;
   /** AZURE_SCOPE: the scope of API_BASE_URL, and of every route that names none. */
@@ -260,6 +262,7 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
       sendCertificateChain: sendChain!,
       routes,
       routesFile: raw.routesFile.value,
+      defaultConnectTimeoutMs: connectTimeout(raw.connectTimeout.value, raw.connectTimeout.source, []) ?? DEFAULT_CONNECT_TIMEOUT_MS,
       host: raw.host.value!,
       port,
       scope: raw.scope.value!,

@@ -346,10 +346,12 @@ interface MetricsSources {
   websocketSessionsOpen: number;
   /** Request bodies held for failover now (src/pools.ts). */
   heldRequestBodyBytes: number;
+  /** Reloads of the routes and callers files, by file and result (src/reload.ts); only the files in use. */
+  configReloads: Record<string, { success: number; failure: number }>;
 }
 
 /** The whole exposition, families in a fixed order, each with HELP and TYPE. */
-export function renderMetrics({ metrics, routes, tokens, certificate, websocketSessionsOpen, heldRequestBodyBytes }: MetricsSources): string {
+export function renderMetrics({ metrics, routes, tokens, certificate, websocketSessionsOpen, heldRequestBodyBytes, configReloads }: MetricsSources): string {
   const lines: string[] = [];
   family(lines, "auth_proxy_build_info", "gauge", "auth-proxy's version and the Bun it runs on; always 1.");
   lines.push(`auth_proxy_build_info{version="${escapeLabel(VERSION)}",bun_version="${escapeLabel(Bun.version)}"} 1`);
@@ -421,6 +423,13 @@ export function renderMetrics({ metrics, routes, tokens, certificate, websocketS
   }
 
   backendLines(lines, routes.filter((route) => route.named || route.pooled), heldRequestBodyBytes);
+
+  if (Object.keys(configReloads).length > 0) {
+    family(lines, "auth_proxy_config_reloads_total", "counter", "Reloads of the routes and callers files, by file and result (failure: the last good one kept serving).");
+    for (const [file, counts] of Object.entries(configReloads)) {
+      lines.push(`auth_proxy_config_reloads_total{file="${file}",result="success"} ${counts.success}`, `auth_proxy_config_reloads_total{file="${file}",result="failure"} ${counts.failure}`);
+    }
+  }
 
   family(lines, "auth_proxy_log_lines_dropped_total", "counter", "Log lines dropped because stdout was closed or not read fast enough.");
   lines.push(`auth_proxy_log_lines_dropped_total ${logLinesDropped}`);
