@@ -727,8 +727,8 @@ export function startProxy(config: Config, identity: Identity, callerEntries?: C
   const callers = callersFor(config, metrics, callerEntries);
   for (const route of routes) route.tokens.routePrefixes.push(route.prefix);
   const watched: WatchedFile[] = [];
-  if (config.routesFile !== undefined) watched.push({ file: "routes", path: config.routesFile, source: readSetting("routesFile", process.env, {}).value === config.routesFile ? "AUTH_PROXY_ROUTES" : "--routes", text: undefined });
-  if (config.callersFile !== undefined) watched.push({ file: "callers", path: config.callersFile, source: readSetting("callersFile", process.env, {}).value === config.callersFile ? "AUTH_PROXY_CALLERS" : "--callers", text: undefined });
+  if (config.routesFile !== undefined) watched.push({ file: "routes", path: config.routesFile, source: config.routesFileSource, text: undefined });
+  if (config.callersFile !== undefined) watched.push({ file: "callers", path: config.callersFile, source: config.callersFileSource, text: undefined });
   for (const file of watched) {
     const read = readWatched(file);
     if ("text" in read) file.text = read.text;
@@ -1198,7 +1198,7 @@ export async function main(argv: string[]): Promise<void> {
   const { config, errors } = loadConfig(process.env, flags);
   if (!config) fail(errors);
   setLogLevel(config.logLevel);
-  const callersRead = callerEntriesOf(config, readSetting("callersFile", process.env, flags).source);
+  const callersRead = callerEntriesOf(config, config.callersFileSource);
   if ("errors" in callersRead) fail(callersRead.errors);
   const callerEntries = callersRead.entries;
 

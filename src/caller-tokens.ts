@@ -75,10 +75,6 @@ export class CallerTokens<Caller> {
     }
   }
 
-  callers(): Caller[] {
-    return this.rules.map((rule) => rule.caller);
-  }
-
   /** Fetches every tenant's keys in the background, so the first caller does not wait; it does not count against the 10 s. */
   start(): void {
     for (const tenant of this.tenants.values()) {

@@ -153,7 +153,10 @@ function pathPrefixes(value: unknown, place: string, faults: string[]): string[]
 export class Callers {
   private keys: { digest: Buffer; caller: Caller }[] = [];
   private readonly unknown: SeriesSet;
+  /** PROXY_API_KEYS_FILE, polled for a change; its stamp when last read. */
+  private keysFile: string | undefined;
   private fileStamp = "";
+  private readonly callerNames: string[];
   private readonly tokens: CallerTokens<Caller> | undefined;
   private readonly sidecar: Caller | undefined;
   /** PROXY_API_KEYS alone answers as it always has: invalid_api_key, missing or wrong. */
@@ -165,6 +168,7 @@ export class Callers {
     options: { audience?: string; authorityHost: string; sidecarCaller?: string; keysFile?: string },
   ) {
     this.unknown = callerSeries(metrics, "unknown");
+    this.callerNames = entries.map((entry) => entry.name);
     const callers = entries.map((entry) => ({ entry, caller: { name: entry.name, paths: entry.paths, figures: callerSeries(metrics, entry.name) } }));
     this.keys = callers.flatMap(({ entry, caller }) => entry.keys.map((digest) => ({ digest, caller })));
     const rules = callers.flatMap(({ entry, caller }) => (entry.entra === undefined ? [] : [{ ...entry.entra, caller }]));
@@ -175,8 +179,6 @@ export class Callers {
       this.fileStamp = fileStampOf(options.keysFile);
     }
   }
-
-  private keysFile: string | undefined;
 
   /** PROXY_API_KEYS(_FILE): each key an unnamed caller, labelled by the first 8 hex digits of its SHA-256. */
   static fromKeys(metrics: Metrics, keys: string[], authorityHost: string, keysFile?: string): Callers {
@@ -191,7 +193,7 @@ export class Callers {
 
   /** The callers' names, for log lines. */
   names(): string[] {
-    return [...new Set([...this.keys.map((known) => known.caller.name), ...(this.tokens?.callers() ?? []).map((caller) => caller.name), ...(this.sidecar ? [this.sidecar.name] : [])])];
+    return this.callerNames;
   }
 
   /** The series of a request refused before anyone could be identified (405, 503 while draining). */

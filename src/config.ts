@@ -47,6 +47,9 @@ export interface Config {
   routes: RouteConfig[];
   /** AUTH_PROXY_ROUTES (or --routes): with it, logs and metrics name routes and scopes. */
   routesFile: string | undefined;
+  /** What named the routes and callers files (`AUTH_PROXY_ROUTES` or `--routes`...), for messages. */
+  routesFileSource: string;
+  callersFileSource: string;
   /** AUTH_PROXY_CONNECT_TIMEOUT: the connect bound of a backend that names none (a reloaded routes file's too). */
   defaultConnectTimeoutMs: number;
   host: string;
@@ -262,6 +265,8 @@ export function loadConfig(env: Environment, flags: Flags = {}): { config?: Conf
       sendCertificateChain: sendChain!,
       routes,
       routesFile: raw.routesFile.value,
+      routesFileSource: raw.routesFile.source,
+      callersFileSource: raw.callersFile.source,
       defaultConnectTimeoutMs: connectTimeout(raw.connectTimeout.value, raw.connectTimeout.source, []) ?? DEFAULT_CONNECT_TIMEOUT_MS,
       host: raw.host.value!,
       port,
