@@ -888,7 +888,7 @@ function handleRequest(state: ProxyState, req: Request, server: ProxyServer): Re
 
 /** A caller identified goes on to its route; a refusal is counted under its caller (or `unknown`) and nothing is forwarded. */
 function admitted(state: ProxyState, req: Request, server: ProxyServer, method: string, target: string, caller: Caller | Refusal): Response | Promise<Response | undefined> | undefined {
-  if ("figures" in caller && !("code" in caller)) return routed(state, req, server, method, target, caller.figures);
+  if (!("code" in caller)) return routed(state, req, server, method, target, caller.figures);
   const { metrics } = state;
   caller.figures.rejections.set(caller.code, (caller.figures.rejections.get(caller.code) ?? 0) + 1);
   answered(metrics, method, target, caller.status, performance.now(), requestSeries(metrics, method, deploymentLabel(metrics, target), caller.figures));
