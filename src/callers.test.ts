@@ -241,6 +241,8 @@ describe("Named callers", () => {
   });
 
   const badConfigurations: [string, () => Record<string, string | undefined>, string[]][] = [
+    // Where the YAML breaks, by line number only: the line itself may hold a key.
+    ["a callers file that is not YAML", () => callersEnv({ AUTH_PROXY_CALLERS: certs.write("broken-callers.yaml", "callers:\n  - name: a\n    keys: [secret-key-in-line-3\n   routes: [/]\n") }), ["is not YAML or JSON: Unexpected token at line"]],
     ["a callers file with PROXY_API_KEYS", () => callersEnv({ PROXY_API_KEYS: "k" }), ["set AUTH_PROXY_CALLERS or PROXY_API_KEYS, not both"]],
     ["entra callers without AUTH_PROXY_AUDIENCE", () => callersEnv({ AUTH_PROXY_AUDIENCE: undefined }), ["has entra callers: set AUTH_PROXY_AUDIENCE"]],
     ["an AUTH_PROXY_CALLER the file does not name", () => callersEnv({ AUTH_PROXY_CALLER: "nobody" }), ["AUTH_PROXY_CALLER=nobody is no caller of"]],
@@ -272,6 +274,7 @@ describe("Named callers", () => {
       for (const text of expected) expect(proxy.stderr).toContain(text);
       expect(proxy.stderr.trim().split("\n")).toHaveLength(expected.length);
       expect(proxy.stderr).not.toMatch(/^\s+at /m);
+      expect(proxy.stderr).not.toContain("secret-key");
     });
   }
 });

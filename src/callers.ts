@@ -10,7 +10,7 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import { readFileSync, statSync } from "node:fs";
 import { errorMessage, log, pathOf, SECOND, unreadableReason } from "./log.ts";
-import { type Config, readCallerKeysFile } from "./config.ts";
+import { type Config, lineOfFirstFault, readCallerKeysFile } from "./config.ts";
 import { callerSeries, deploymentLabel, endsPathSegment, type Metrics, type RequestSeries, requestSeries, type SeriesSet } from "./metrics.ts";
 import { CallerTokens, looksLikeJwt, type TokenVerdict } from "./caller-tokens.ts";
 
@@ -71,7 +71,7 @@ export function parseCallers(text: string, env: Record<string, string | undefine
   try {
     document = Bun.YAML.parse(text);
   } catch (error) {
-    return { callers: [], faults: [`is not YAML or JSON: ${errorMessage(error).replace(/^YAML Parse error: /, "")}`] };
+    return { callers: [], faults: [`is not YAML or JSON: ${errorMessage(error).replace(/^YAML Parse error: /, "")}${lineOfFirstFault(text)}`] };
   }
   const entries = (document as { callers?: unknown } | null)?.callers;
   if (!Array.isArray(entries) || entries.length === 0) return { callers: [], faults: ["must hold `callers:`, a list of callers, each with a name and keys or entra"] };

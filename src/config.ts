@@ -543,14 +543,15 @@ type Mapping = Record<string, unknown>;
  * Bun.YAML's errors give no position (Bun 1.4: "YAML Parse error:
  * Unexpected token"), so the line is found as the first whose addition
  * makes the text unparsable: block YAML cut after any whole line parses.
+ * Its number only: a callers file's lines hold keys.
  */
-function lineOfFirstFault(text: string): string {
+export function lineOfFirstFault(text: string): string {
   const lines = text.split("\n");
   for (let count = 1; count <= Math.min(lines.length, 5000); count += 1) {
     try {
       Bun.YAML.parse(lines.slice(0, count).join("\n"));
     } catch {
-      return ` at line ${count}: ${JSON.stringify(lines[count - 1]!.trim().slice(0, 80))}`;
+      return ` at line ${count}`;
     }
   }
   return "";
