@@ -1530,7 +1530,7 @@ describe("Deployment artifacts", () => {
     expect(monitor.spec.namespaceSelector).toEqual({ any: true });
   });
 
-  test("the dashboard's token panel shows each scope (0 for one without a token), its rate-limit panel each backend and deployment, and its apps panel each app (promtool evaluates the panels' queries)", async () => {
+  test("the dashboard's token panel shows each scope (0 for one without a token), its rate-limit panel each backend and deployment, its token panels each app and each caller (promtool evaluates the panels' queries)", async () => {
     const dashboard = JSON.parse(readFileSync(join(ROOT, "deploy/monitoring/grafana-dashboard.json"), "utf8"));
     const queryOf = (title: string) => {
       const panel = dashboard.panels.find((panel: any) => panel.title.startsWith(title));
@@ -1556,6 +1556,7 @@ describe("Deployment artifacts", () => {
             { series: `auth_proxy_upstream_ratelimit_remaining{${gateway},route="/",backend="swedencentral",deployment="gpt-4o",kind="tokens"}`, values: "50x10" },
             { series: `auth_proxy_model_tokens_total{namespace="team-a",job="app",instance="a",deployment="gpt-4o",model="m",type="input"}`, values: "0+600x10" },
             { series: `auth_proxy_model_tokens_total{namespace="team-b",job="app",instance="b",deployment="gpt-4o",model="m",type="input"}`, values: "0+60x10" },
+            { series: `auth_proxy_model_tokens_total{${gateway},caller="chat-app",deployment="gpt-4o",model="m",type="output"}`, values: "0+30x10" },
           ],
           promql_expr_test: [
             {
@@ -1580,7 +1581,14 @@ describe("Deployment artifacts", () => {
               exp_samples: [
                 { labels: '{namespace="team-a",job="app"}', value: 600 },
                 { labels: '{namespace="team-b",job="app"}', value: 60 },
+                { labels: '{namespace="ai",job="auth-proxy-gateway"}', value: 30 },
               ],
+            },
+            {
+              // Only series with a caller: a sidecar's tokens without callers are not a caller's.
+              expr: queryOf("Tokens per minute by caller"),
+              eval_time: "10m",
+              exp_samples: [{ labels: '{caller="chat-app",model="m"}', value: 30 }],
             },
           ],
         },
