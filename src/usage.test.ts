@@ -13,7 +13,7 @@ import { memoryKiB, startProxy, type ProxyProcess } from "../test/harness.ts";
 import { promtool, scrape, valueOf } from "../test/prometheus.ts";
 import * as usage from "../test/usage.ts";
 import { TestSocket } from "../test/websocket.ts";
-import { baseEnv, describeSecrets, lastReceived, proxyBodies, realtime, upstream, useSuite } from "../test/suite.ts";
+import { baseEnv, describeSecrets, lastReceived, proxyBodies, realtime, upstream, useSuite, waitFor } from "../test/suite.ts";
 useSuite();
 
 describe("Model token usage", () => {
@@ -71,6 +71,7 @@ describe("Model token usage", () => {
   test("a streamed chat is counted once from its final chunk when the client asked include_usage (the openai SDK), its request byte-exact; without it nothing is counted", async () => {
     const client = new AzureOpenAI({ endpoint: proxy.url, apiKey: "placeholder-key", apiVersion: "2024-10-21", deployment: "gpt-4o-stream" });
     const before = await tokensOf("gpt-4o-stream", "gpt-4o");
+    const linesBefore = proxy.lines.filter((line) => line.msg === "request" && String(line.path).includes("gpt-4o-stream")).length;
     const stream = await client.chat.completions.create({ model: "gpt-4o", messages: [{ role: "user", content: "Hi" }], stream: true, stream_options: { include_usage: true } });
     let reported: unknown;
     for await (const chunk of stream) reported = chunk.usage ?? reported;
@@ -85,7 +86,10 @@ describe("Model token usage", () => {
     for await (const chunk of plain) expect(chunk.usage ?? null).toBeNull();
     expect(lastReceived().bodySha256).toBe(sha256(JSON.stringify({ model: "gpt-4o", messages: [{ role: "user", content: "Hi" }], stream: true })));
     expect(minus(await tokensOf("gpt-4o-stream", "gpt-4o"), before)).toEqual({ input: 9, output: 7, cached_input: 0, reasoning: 0 });
-    const lines = proxy.lines.filter((line) => line.msg === "request" && String(line.path).includes("gpt-4o-stream"));
+    // Access lines are written when the body ends, in the turn's write: the second may come after the client has read its stream.
+    const streamLines = () => proxy.lines.filter((line) => line.msg === "request" && String(line.path).includes("gpt-4o-stream"));
+    await waitFor(() => streamLines().length >= linesBefore + 2, 5000);
+    const lines = streamLines();
     expect(lines.at(-1)!.input_tokens).toBeUndefined();
     expect(lines.at(-2)).toMatchObject({ model: "gpt-4o", input_tokens: 9, output_tokens: 7 });
   });
