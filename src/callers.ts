@@ -8,9 +8,9 @@
  * Imports: log, config, metrics, caller-tokens.
  */
 import { createHash, timingSafeEqual } from "node:crypto";
-import { readFileSync, statSync } from "node:fs";
-import { errorMessage, log, pathOf, SECOND, unreadableReason } from "./log.ts";
-import { type Config, lineOfFirstFault, readCallerKeysFile } from "./config.ts";
+import { statSync } from "node:fs";
+import { errorMessage, log, pathOf, SECOND } from "./log.ts";
+import { type Config, isMapping, parseConfigText, readCallerKeysFile, readConfigFile, unknownKeys } from "./config.ts";
 import { callerSeries, deploymentLabel, endsPathSegment, type Metrics, type RequestSeries, requestSeries, type SeriesSet } from "./metrics.ts";
 import { CallerTokens, looksLikeJwt, type TokenVerdict } from "./caller-tokens.ts";
 
@@ -67,22 +67,18 @@ const CALLER_KEYS = ["name", "keys", "entra", "routes"];
  */
 export function parseCallers(text: string, env: Record<string, string | undefined>): { callers: CallerEntry[]; faults: string[] } {
   const faults: string[] = [];
-  let document: unknown;
-  try {
-    document = Bun.YAML.parse(text);
-  } catch (error) {
-    return { callers: [], faults: [`is not YAML or JSON: ${errorMessage(error).replace(/^YAML Parse error: /, "")}${lineOfFirstFault(text)}`] };
-  }
-  const entries = (document as { callers?: unknown } | null)?.callers;
+  const parsed = parseConfigText(text);
+  if ("fault" in parsed) return { callers: [], faults: [parsed.fault] };
+  const entries = (parsed.document as { callers?: unknown } | null)?.callers;
   if (!Array.isArray(entries) || entries.length === 0) return { callers: [], faults: ["must hold `callers:`, a list of callers, each with a name and keys or entra"] };
   const callers: CallerEntry[] = [];
   const names = new Set<string>();
   const digests = new Map<string, string>();
   entries.forEach((entry: unknown, index: number) => {
     const place = `callers[${index}]`;
-    if (typeof entry !== "object" || entry === null || Array.isArray(entry)) return void faults.push(`${place} must be a mapping with name and keys or entra`);
-    const fields = entry as Record<string, unknown>;
-    for (const key of Object.keys(fields)) if (!CALLER_KEYS.includes(key)) faults.push(`${place}.${key} is not a setting (known: ${CALLER_KEYS.join(", ")})`);
+    if (!isMapping(entry)) return void faults.push(`${place} must be a mapping with name and keys or entra`);
+    const fields = entry;
+    unknownKeys(fields, CALLER_KEYS, place, faults);
     const name = fields.name;
     if (typeof name !== "string" || !CALLER_NAME.test(name)) faults.push(`${place}.name must be lower-case letters, digits, '.', '_' or '-', starting with a letter or digit, at most 63`);
     else if (names.has(name)) faults.push(`${place}.name ${name} is another caller's name too`);
@@ -120,8 +116,8 @@ function keyDigest(key: unknown, place: string, env: Record<string, string | und
 
 function entraRule(value: unknown, place: string, faults: string[]): CallerEntry["entra"] {
   if (value === undefined) return undefined;
-  const fields = (typeof value === "object" && value !== null ? value : {}) as Record<string, unknown>;
-  for (const key of Object.keys(fields)) if (!["tenant", "app_ids", "object_ids"].includes(key)) faults.push(`${place}.${key} is not a setting (known: tenant, app_ids, object_ids)`);
+  const fields = isMapping(value) ? value : {};
+  unknownKeys(fields, ["tenant", "app_ids", "object_ids"], place, faults);
   const guids = (key: string) => {
     const list = fields[key] ?? [];
     if (!Array.isArray(list) || !list.every((id) => typeof id === "string" && GUID.test(id))) return void faults.push(`${place}.${key} must be a list of GUIDs`);
@@ -292,16 +288,20 @@ function fileStampOf(file: string): string {
   }
 }
 
-/** The callers file read once at start: its entries, or every fault naming the file and the place. */
-export function readCallersFile(file: string, source: string, env: Record<string, string | undefined>): { callers: CallerEntry[]; errors: string[] } {
-  let text: string;
-  try {
-    text = readFileSync(file, "utf8");
-  } catch (error) {
-    return { callers: [], errors: [`${source}=${file} cannot be read (${unreadableReason(error)})`] };
-  }
+/**
+ * A callers file's entries, or every fault: its own, each naming the file
+ * and the place, and what only the whole configuration shows (an Entra
+ * caller without AUTH_PROXY_AUDIENCE, an AUTH_PROXY_CALLER it does not
+ * name). At start and at every reload alike.
+ */
+export function checkedCallers(text: string, source: string, path: string, config: Pick<Config, "audience" | "callerName">, env: Record<string, string | undefined>): { callers: CallerEntry[] } | { faults: string[] } {
   const { callers, faults } = parseCallers(text, env);
-  return { callers, errors: faults.map((fault) => `${source}=${file}: ${fault}`) };
+  const problems = faults.map((fault) => `${source}=${path}: ${fault}`);
+  if (callers.some((entry) => entry.entra !== undefined) && config.audience === undefined) {
+    problems.push(`${source}=${path} has entra callers: set AUTH_PROXY_AUDIENCE to the proxy's app ID URI or client ID, the audience their tokens are for`);
+  }
+  if (config.callerName !== undefined && !callers.some((entry) => entry.name === config.callerName)) problems.push(`AUTH_PROXY_CALLER=${config.callerName} is no caller of ${path}`);
+  return problems.length > 0 ? { faults: problems } : { callers };
 }
 
 /** A request asking to become a WebSocket (RFC 6455 section 4.1): relayed, and allowed to carry its key where browsers put it. */
@@ -337,11 +337,7 @@ export function callersFor(config: Config, metrics: Metrics, entries: CallerEntr
   return config.callerName === undefined ? undefined : new Callers(metrics, [], options);
 }
 
-/**
- * The callers file, read and checked before anything listens: every fault
- * at once, and what only the whole configuration shows (an Entra caller
- * without AUTH_PROXY_AUDIENCE, an AUTH_PROXY_CALLER the file does not name).
- */
+/** The callers file, read and checked before anything listens: every fault at once. */
 export function callerEntriesOf(config: Config, source: string): { entries: CallerEntry[] | undefined } | { errors: string[] } {
   if (config.callerName !== undefined && !CALLER_NAME.test(config.callerName)) {
     return { errors: [`AUTH_PROXY_CALLER=${config.callerName} must be lower-case letters, digits, '.', '_' or '-', starting with a letter or digit, at most 63`] };
@@ -349,12 +345,8 @@ export function callerEntriesOf(config: Config, source: string): { entries: Call
   if (config.callersFile === undefined) {
     return config.audience === undefined ? { entries: undefined } : { errors: ["AUTH_PROXY_AUDIENCE is set without AUTH_PROXY_CALLERS: only a callers file's entra callers use it"] };
   }
-  const { callers, errors } = readCallersFile(config.callersFile, source, process.env);
-  if (callers.some((entry) => entry.entra !== undefined) && config.audience === undefined) {
-    errors.push(`${source}=${config.callersFile} has entra callers: set AUTH_PROXY_AUDIENCE to the proxy's app ID URI or client ID, the audience their tokens are for`);
-  }
-  if (config.callerName !== undefined && !callers.some((entry) => entry.name === config.callerName)) {
-    errors.push(`AUTH_PROXY_CALLER=${config.callerName} is no caller of ${config.callersFile}`);
-  }
-  return errors.length > 0 ? { errors } : { entries: callers };
+  const read = readConfigFile(config.callersFile, source);
+  if ("fault" in read) return { errors: [read.fault] };
+  const checked = checkedCallers(read.text, source, config.callersFile, config, process.env);
+  return "faults" in checked ? { errors: checked.faults } : { entries: checked.callers };
 }

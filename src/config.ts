@@ -422,13 +422,9 @@ export function parseCallerKeys(text: string, separator: "," | "\n"): string[] {
 }
 
 export function readCallerKeysFile(file: string): string[] {
-  let text: string;
-  try {
-    text = readFileSync(file, "utf8");
-  } catch (error) {
-    throw new Error(`PROXY_API_KEYS_FILE=${file} cannot be read (${unreadableReason(error)})`);
-  }
-  const keys = parseCallerKeys(text, "\n");
+  const read = readConfigFile(file, "PROXY_API_KEYS_FILE");
+  if ("fault" in read) throw new Error(read.fault);
+  const keys = parseCallerKeys(read.text, "\n");
   if (keys.length === 0) throw new Error(`PROXY_API_KEYS_FILE=${file} holds no key (one per line)`);
   return keys;
 }
@@ -523,21 +519,28 @@ export function backendConfig(url: URL, name: string | undefined, options: Parti
   };
 }
 
+/** A routes or callers file's text, or why it cannot be read, named by the variable or flag that set it. */
+export function readConfigFile(path: string, source: string): { text: string } | { fault: string } {
+  try {
+    return { text: readFileSync(path, "utf8") };
+  } catch (error) {
+    return { fault: `${source}=${path} cannot be read (${unreadableReason(error)})` };
+  }
+}
+
 /** The routes file read once at start: every fault reported, each naming the file and the place (`routes[1].backends[0].url`). */
 function readRoutesFile(file: RawSetting, defaultScope: string, defaultConnectTimeoutMs: number, errors: string[]): RouteConfig[] {
-  let text: string;
-  try {
-    text = readFileSync(file.value!, "utf8");
-  } catch (error) {
-    errors.push(`${file.source}=${file.value} cannot be read (${unreadableReason(error)})`);
+  const read = readConfigFile(file.value!, file.source);
+  if ("fault" in read) {
+    errors.push(read.fault);
     return [];
   }
-  const { routes, faults } = parseRoutes(text, defaultScope, defaultConnectTimeoutMs);
+  const { routes, faults } = parseRoutes(read.text, defaultScope, defaultConnectTimeoutMs);
   for (const fault of faults) errors.push(`${file.source}=${file.value}: ${fault}`);
   return routes;
 }
 
-type Mapping = Record<string, unknown>;
+export type Mapping = Record<string, unknown>;
 
 /**
  * Bun.YAML's errors give no position (Bun 1.4: "YAML Parse error:
@@ -545,7 +548,7 @@ type Mapping = Record<string, unknown>;
  * makes the text unparsable: block YAML cut after any whole line parses.
  * Its number only: a callers file's lines hold keys.
  */
-export function lineOfFirstFault(text: string): string {
+function lineOfFirstFault(text: string): string {
   const lines = text.split("\n");
   for (let count = 1; count <= Math.min(lines.length, 5000); count += 1) {
     try {
@@ -557,17 +560,23 @@ export function lineOfFirstFault(text: string): string {
   return "";
 }
 
-const isMapping = (value: unknown): value is Mapping => typeof value === "object" && value !== null && !Array.isArray(value);
+export const isMapping = (value: unknown): value is Mapping => typeof value === "object" && value !== null && !Array.isArray(value);
+
+/** A routes or callers file's document (YAML is a superset of JSON; Bun parses it natively), or its syntax fault with the line. */
+export function parseConfigText(text: string): { document: unknown } | { fault: string } {
+  try {
+    return { document: Bun.YAML.parse(text) };
+  } catch (error) {
+    return { fault: `is not YAML or JSON: ${errorMessage(error).replace(/^YAML Parse error: /, "")}${lineOfFirstFault(text)}` };
+  }
+}
 
 /** Routes from a YAML or JSON text (YAML is a superset of JSON; Bun parses it natively), and every fault found, by place. */
 export function parseRoutes(text: string, defaultScope: string, defaultConnectTimeoutMs = DEFAULT_CONNECT_TIMEOUT_MS): { routes: RouteConfig[]; faults: string[] } {
   const faults: string[] = [];
-  let document: unknown;
-  try {
-    document = Bun.YAML.parse(text);
-  } catch (error) {
-    return { routes: [], faults: [`is not YAML or JSON: ${errorMessage(error).replace(/^YAML Parse error: /, "")}${lineOfFirstFault(text)}`] };
-  }
+  const parsed = parseConfigText(text);
+  if ("fault" in parsed) return { routes: [], faults: [parsed.fault] };
+  const document = parsed.document;
   if (!isMapping(document) || !Array.isArray(document.routes) || document.routes.length === 0) {
     return { routes: [], faults: ["must hold `routes:`, a list of routes, each with a prefix and its backends"] };
   }
@@ -610,7 +619,7 @@ export function parseRoutes(text: string, defaultScope: string, defaultConnectTi
   return { routes, faults };
 }
 
-function unknownKeys(mapping: Mapping, known: string[], place: string, faults: string[]): void {
+export function unknownKeys(mapping: Mapping, known: string[], place: string, faults: string[]): void {
   for (const key of Object.keys(mapping)) {
     if (!known.includes(key)) faults.push(`${place ? `${place}.` : ""}${key} is not a setting (known: ${known.join(", ")})`);
   }

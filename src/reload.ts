@@ -9,12 +9,11 @@
  *
  * Imports: log, config, metrics, routes, callers.
  */
-import { readFileSync } from "node:fs";
-import { log, SECOND, unreadableReason } from "./log.ts";
-import { type Config, configurationWarnings, type Environment, parseRoutes } from "./config.ts";
+import { log, SECOND } from "./log.ts";
+import { type Config, configurationWarnings, type Environment, parseRoutes, readConfigFile } from "./config.ts";
 import { type Metrics } from "./metrics.ts";
 import { buildRoutes, type Route, type ScopeTokens } from "./routes.ts";
-import { type CallerEntry, parseCallers } from "./callers.ts";
+import { type CallerEntry, checkedCallers } from "./callers.ts";
 
 /** How often the files are read for a change: a ConfigMap update reaches the pod within a minute; 2 s more is nothing, one read is cheap. */
 export const CONFIG_POLL_MS = 2 * SECOND;
@@ -41,11 +40,7 @@ export interface WatchedFile {
 
 /** The file's text now, or why it cannot be read. */
 export function readWatched(watched: WatchedFile): { text: string } | { fault: string } {
-  try {
-    return { text: readFileSync(watched.path, "utf8") };
-  } catch (error) {
-    return { fault: `${watched.source}=${watched.path} cannot be read (${unreadableReason(error)})` };
-  }
+  return readConfigFile(watched.path, watched.source);
 }
 
 /**
@@ -86,13 +81,9 @@ export function reloadedRoutes<Tokens extends ScopeTokens>(
   return { routes, warnings: configurationWarnings({ ...config, routes: parsed }) };
 }
 
-/** The callers a new callers file names, or every fault in it (and what the rest of the configuration needs of it). */
+/** The callers a new callers file names, or every fault in it, checked as at start. */
 export function reloadedCallers(text: string, watched: WatchedFile, config: Config, env: Environment): { callers: CallerEntry[] } | { faults: string[] } {
-  const { callers, faults } = parseCallers(text, env);
-  const problems = faults.map((fault) => `${watched.source}=${watched.path}: ${fault}`);
-  if (callers.some((entry) => entry.entra !== undefined) && config.audience === undefined) problems.push(`${watched.source}=${watched.path} has entra callers: set AUTH_PROXY_AUDIENCE (a restart is needed to set it)`);
-  if (config.callerName !== undefined && !callers.some((entry) => entry.name === config.callerName)) problems.push(`AUTH_PROXY_CALLER=${config.callerName} is no caller of ${watched.path}`);
-  return problems.length > 0 ? { faults: problems } : { callers };
+  return checkedCallers(text, watched.source, watched.path, config, env);
 }
 
 /**
