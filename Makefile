@@ -32,6 +32,9 @@ test-tools:
 	@command -v promtool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then echo "installing promtool (apt: prometheus)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool is needed by the tests: sudo apt-get install prometheus"; exit 1; fi; }
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing redis-server (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; \
+	  else echo "redis-server is needed by the tests: sudo apt-get install redis-server"; exit 1; fi; }
 
 test: install typecheck test-tools
 	$(BUN) test --timeout 60000 --parallel=2

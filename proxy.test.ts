@@ -1400,6 +1400,9 @@ describe("Deployment artifacts", () => {
     expect(callersMap.data["callers.yaml"]).not.toMatch(/keys:\s*\n\s*- (?!sha256:)/);
     expect(env.AUTH_PROXY_AUDIENCE).toMatch(/^api:\/\//);
     expect(of("Secret")).toBeUndefined();
+    // The limits' Redis URL from a Secret the operator creates (optional: without it each replica counts alone).
+    expect(proxy.env.find((entry: any) => entry.name === "AUTH_PROXY_REDIS_URL").valueFrom.secretKeyRef).toEqual({ name: "auth-proxy-gateway-redis", key: "url", optional: true });
+    expect(callers[0]!.limits).toMatchObject({ tokens_per_minute: 100000, requests_per_minute: 600, tokens_per_month: 100000000 });
     expect(env.AUTH_PROXY_ROUTES).toBe(`${mountOf(routesVolume)}/routes.yaml`);
     const { routes, faults } = parseRoutes(routesMap.data["routes.yaml"], "https://cognitiveservices.azure.com/.default");
     expect(faults).toEqual([]);
@@ -1476,13 +1479,13 @@ describe("Deployment artifacts", () => {
     const alerts = rule.spec.groups.flatMap((group: any) => group.rules.filter((r: any) => r.alert).map((r: any) => r.alert));
     const records = rule.spec.groups.flatMap((group: any) => group.rules.filter((r: any) => r.record).map((r: any) => r.record));
     expect(records).toEqual(["namespace_job_deployment_model_type:auth_proxy_model_tokens:per_minute_rate5m", "namespace_job_caller_model_type:auth_proxy_model_tokens:per_minute_rate5m"]);
-    expect(alerts).toEqual(["AuthProxyNoToken", "AuthProxyTokenRefreshFailing", "AuthProxyCertificateExpiringSoon", "AuthProxyUpstream5xxRatio", "AuthProxyUpstreamErrors", "AuthProxyBackendResting"]);
+    expect(alerts).toEqual(["AuthProxyNoToken", "AuthProxyTokenRefreshFailing", "AuthProxyCertificateExpiringSoon", "AuthProxyUpstream5xxRatio", "AuthProxyUpstreamErrors", "AuthProxyBackendResting", "AuthProxyCallerQuotaNearlySpent"]);
     const dir = join(certs.dir, "rules");
     mkdirSync(dir, { recursive: true });
     writeFileSync(join(dir, "rules.yaml"), JSON.stringify({ groups: rule.spec.groups }));
     writeFileSync(join(dir, "alerts.test.yaml"), readFileSync(join(ROOT, "deploy/monitoring/alerts.test.yaml")));
     const checked = await promtool(["check", "rules", join(dir, "rules.yaml")]);
-    expect(checked.output).toContain("SUCCESS: 8 rules found");
+    expect(checked.output).toContain("SUCCESS: 9 rules found");
     expect(checked.exitCode).toBe(0);
     const tested = await promtool(["test", "rules", join(dir, "alerts.test.yaml")]);
     expect(tested.output).toContain("SUCCESS");
@@ -1530,7 +1533,7 @@ describe("Deployment artifacts", () => {
     expect(monitor.spec.namespaceSelector).toEqual({ any: true });
   });
 
-  test("the dashboard's token panel shows each scope (0 for one without a token), its rate-limit panel each backend and deployment, its token panels each app and each caller (promtool evaluates the panels' queries)", async () => {
+  test("the dashboard's token panel shows each scope (0 for one without a token), its rate-limit panel each backend and deployment, its token panels each app and each caller, its limits row each caller's share used (promtool evaluates the panels' queries)", async () => {
     const dashboard = JSON.parse(readFileSync(join(ROOT, "deploy/monitoring/grafana-dashboard.json"), "utf8"));
     const queryOf = (title: string) => {
       const panel = dashboard.panels.find((panel: any) => panel.title.startsWith(title));
@@ -1557,6 +1560,10 @@ describe("Deployment artifacts", () => {
             { series: `auth_proxy_model_tokens_total{namespace="team-a",job="app",instance="a",deployment="gpt-4o",model="m",type="input"}`, values: "0+600x10" },
             { series: `auth_proxy_model_tokens_total{namespace="team-b",job="app",instance="b",deployment="gpt-4o",model="m",type="input"}`, values: "0+60x10" },
             { series: `auth_proxy_model_tokens_total{${gateway},caller="chat-app",deployment="gpt-4o",model="m",type="output"}`, values: "0+30x10" },
+            { series: `auth_proxy_caller_limit{${gateway},caller="batch",limit="tokens_per_day"}`, values: "1000x10" },
+            { series: `auth_proxy_caller_limit_remaining{${gateway},caller="batch",limit="tokens_per_day"}`, values: "250x10" },
+            { series: `auth_proxy_caller_limit{namespace="ai",job="auth-proxy-gateway",instance="gw2",caller="batch",limit="tokens_per_day"}`, values: "1000x10" },
+            { series: `auth_proxy_caller_limit_remaining{namespace="ai",job="auth-proxy-gateway",instance="gw2",caller="batch",limit="tokens_per_day"}`, values: "400x10" },
           ],
           promql_expr_test: [
             {
@@ -1589,6 +1596,12 @@ describe("Deployment artifacts", () => {
               expr: queryOf("Tokens per minute by caller"),
               eval_time: "10m",
               exp_samples: [{ labels: '{caller="chat-app",model="m"}', value: 30 }],
+            },
+            {
+              // Replicas share the counts: the least remaining any saw is the caller's.
+              expr: queryOf("Caller limits: share of each limit used"),
+              eval_time: "5m",
+              exp_samples: [{ labels: '{caller="batch",limit="tokens_per_day"}', value: 0.75 }],
             },
           ],
         },
@@ -1640,7 +1653,7 @@ describe("Deployment artifacts", () => {
 
 describe("Code map", () => {
   /** The rooms in journey order: a module may import only those before it, and none imports proxy.ts. */
-  const ROOMS = ["log", "config", "certificate", "identity", "metrics", "routes", "caller-tokens", "callers", "reload", "pools", "usage", "http", "websocket"];
+  const ROOMS = ["log", "config", "certificate", "identity", "metrics", "usage", "stream-usage", "routes", "caller-tokens", "limits", "limits-redis", "callers", "reload", "pools", "http", "websocket"];
   const localImports = (text: string) => [...text.matchAll(/^import [^;]*? from "\.{1,2}\/(?:src\/)?([\w.-]+?)(?:\.ts)?";$/gm)].map((match) => match[1]!);
 
   test("proxy.ts imports the rooms; each room imports only rooms before it in the journey, never proxy.ts: no cycle", () => {
@@ -1667,7 +1680,8 @@ describe("Code map", () => {
       expect(text.split("\n").length, room).toBeLessThan(720);
       expect(map).toContain(`src/${room}.ts`);
     }
-    expect(readFileSync(join(ROOT, "proxy.ts"), "utf8").split("\n").length).toBeLessThan(1250);
+    // The core grew by the limits' wiring (admission in forward, settlement at its end, the store started): 1,250 before.
+    expect(readFileSync(join(ROOT, "proxy.ts"), "utf8").split("\n").length).toBeLessThan(1300);
   });
 });
 

@@ -11,30 +11,25 @@
  * This file is the core, read as the journey: the token manager's refresh
  * loop around MSAL, the streaming fetch passthrough (forward), the server
  * (Bun.serve, listeners, signals, drain) and main (flags, help, --check,
- * --healthcheck). It wires the rooms around it, in journey order, each of
- * which imports only those before it and never this file:
- *   src/log.ts          log buffer, levels, access line encoding
- *   src/config.ts       settings, environment and flags, the routes file
- *   src/certificate.ts  PEM reading, thumbprints
- *   src/identity.ts     certificate, secret, workload and managed identity
- *   src/metrics.ts      the registry and its exposition
- *   src/routes.ts       the route table and matching
- *   src/callers.ts      inbound caller keys
- *   src/pools.ts        choose, rest, connect checks, held bodies
- *   src/usage.ts        token usage read from answers
- *   src/http.ts         what forwarding and the relay share
- *   src/websocket.ts    the WebSocket relay
+ * --healthcheck). It wires the rooms of src/ around it, in journey order
+ * (the README's code map lists them: log, config, certificate, identity,
+ * metrics, usage, stream-usage, routes, caller-tokens, limits,
+ * limits-redis, callers, reload, pools, http, websocket), each of which
+ * imports only those before it and never this file.
  */
 import arg from "arg";
 import { readFileSync } from "node:fs";
-import { ABORTED_END, ACCESS_LINE_BYTES, accessLogEnabled, BYTES_IN, BYTES_OUT, CALLER, CLIENT_REQUEST_ID, deferredLines, DEPLOYMENT, errorMessage, flushLogAtExit, LINE_END, log, MINUTE, MODEL, openLogOutput, pathOf, putAccessLineHead, putBytes, putIntegerField, putMillisField, putStringField, REQUEST_ID, reserveLog, SECOND, setLogLevel, TRUNCATED_END, TTFB_MS, UPSTREAM_MS, USAGE_FIELDS } from "./src/log.ts";
+import { ABORTED_END, ACCESS_LINE_BYTES, accessLogEnabled, BYTES_IN, BYTES_OUT, CALLER, CLIENT_REQUEST_ID, LIMITS_STORE, deferredLines, DEPLOYMENT, errorMessage, flushLogAtExit, LINE_END, log, MINUTE, MODEL, openLogOutput, pathOf, putAccessLineHead, putBytes, putIntegerField, putMillisField, putStringField, REQUEST_ID, reserveLog, SECOND, setLogLevel, TRUNCATED_END, TTFB_MS, UPSTREAM_MS, USAGE_FIELDS } from "./src/log.ts";
 import { type Config, configurationWarnings, type Environment, type Flags, KEEP_ALIVE_IDLE_SECONDS, loadConfig, outboundProxyFor, proxyAddress, readSetting, VERSION } from "./src/config.ts";
 import { bypassProxyFor, createIdentity, describeTokenError, type HeldToken, type Identity, tokenEndpoint, watchCertificateExpiry } from "./src/identity.ts";
 import { COUNTED, countStatus, deploymentLabel, type Metrics, newMetrics, noteRateLimits, observe, renderMetrics, type RequestSeries, requestSeries, type SeriesSet, UNCOUNTED_SERIES, upstreamErrorReason } from "./src/metrics.ts";
 import { type Backend, buildRoutes, type FailoverReason, forwardedPath, matchRoute, type Route, type ScopeTokens, tokenManagers } from "./src/routes.ts";
 import { type Caller, type CallerEntry, callerEntriesOf, CALLER_KEYS_FILE_POLL_MS, type Callers, callersFor, isWebSocketUpgrade, type Refusal } from "./src/callers.ts";
-import { type Attempts, attemptsOutcome, backendPath, checkConnect, chooseBackend, connectTimedOut, failoverReason, type HeldBody, heldBodyBytes, holdBody, idempotent, movesOnAfterFailure, noteBackendAnswer, REACHED_RECENTLY_MS, releaseHeldBody, SMALL_BODY_BYTES, STALLED } from "./src/pools.ts";
+import { type Attempts, attemptsOutcome, backendPath, checkConnect, chooseBackend, connectTimedOut, failoverReason, type HeldBody, heldBodyBytes, holdBody, idempotent, movesOnAfterFailure, noteBackendAnswer, REACHED_RECENTLY_MS, releaseHeldBody, SMALL_BODY_BYTES, STALLED, swapHeldBody } from "./src/pools.ts";
 import { countTokens, scannedUsage, scanUsageChunk, TOKENS_COUNTED, type Usage, usageEvents, usageInBody, type UsageScan, usageScanFor, usageScanned } from "./src/usage.ts";
+import { strippedUsageStream, type UsageStrip } from "./src/stream-usage.ts";
+import { type Admission, type LimitedCaller, Limiter, putBudgetHeaders, reservationFor } from "./src/limits.ts";
+import { REDIS_ENTRA_SCOPE, redactedUrl, RedisStore, type StoreSettings, storeFor, storeSettings } from "./src/limits-redis.ts";
 import { CONFIG_POLL_MS, newReloadCounts, readWatched, reloadedCallers, reloadedRoutes, type ReloadCounts, reloadFiles, type WatchedFile } from "./src/reload.ts";
 import { answered, idleTimerLifted, LIFT_IDLE_TIMER_AFTER_MS, liftIdleTimer, proxyError, putRouteFields, removeHopByHopHeaders, requestTarget, rewriteRequestHeaders, stalledUpload, unanswered } from "./src/http.ts";
 import { clientClosed, clientDrained, clientOpened, closeBoth, MAX_WEBSOCKET_FRAME_BYTES, type ProxyServer, type Relay, type RelaySession, relayToUpstream, relayWebSocket, WEBSOCKET_PING_SECONDS } from "./src/websocket.ts";
@@ -361,7 +356,7 @@ function attemptFailed(req: Request, route: Route, backend: Backend, error: unkn
 }
 
 /** One forwarded request, the whole hot path: rewrite headers, send to the route's backends, strip the response's hop-by-hop headers, count, relay. */
-export async function forward(req: Request, method: string, target: string, authorization: string, route: Route, server: ProxyServer, figures: SeriesSet): Promise<Response> {
+export async function forward(req: Request, method: string, target: string, authorization: string, route: Route, server: ProxyServer, figures: SeriesSet, limited: LimitedCaller | undefined): Promise<Response> {
   const startedAt = performance.now();
   const metrics = route.metrics;
   const path = forwardedPath(route, target);
@@ -373,18 +368,37 @@ export async function forward(req: Request, method: string, target: string, auth
   const clientRequestId = accessLogEnabled ? req.headers.get("x-ms-client-request-id") : null;
   rewriteRequestHeaders(req.headers, authorization);
   collectOnBurst((metrics.requestsInFlight += 1));
-  const held = route.pooled ? await holdBody(req, bytesIn) : undefined;
+  let held = route.pooled || limited !== undefined ? await holdBody(req, bytesIn) : undefined;
   if (held === STALLED) {
     clearTimeout(lift);
     metrics.requestsInFlight -= 1;
     return stalledUpload(method, target, route, startedAt, series);
+  }
+  let admission: Admission | undefined;
+  let strip: UsageStrip | undefined;
+  if (limited !== undefined) {
+    const reservation = reservationFor(path, target, held, bytesIn, limited.limits);
+    const verdict = await limited.limiter.admit(limited, reservation.tokens);
+    if (!("caller" in verdict)) {
+      clearTimeout(lift);
+      metrics.requestsInFlight -= 1;
+      if (held instanceof Uint8Array) releaseHeldBody(held);
+      answered(metrics, method, target, verdict.status, startedAt, series, route);
+      return proxyError(verdict.status, verdict.code, verdict.message, verdict.headers);
+    }
+    admission = verdict;
+    if (reservation.injected && held instanceof Uint8Array) {
+      held = swapHeldBody(held, reservation.body as Uint8Array);
+      req.headers.set("content-length", String(held.byteLength));
+      strip = { carry: undefined, usage: undefined };
+    }
   }
   const only = route.backends[0]!;
   let attempts: Attempts;
   if (!route.pooled && Date.now() - only.reachedAt < REACHED_RECENTLY_MS) {
     // One backend that answered lately, as most run: one fetch, without the attempts loop's two async frames (1.3-1.7 µs a request, measured).
     try {
-      const answer = await upstreamFetch(req, method, only.url + backendPath(only, path), req.body, req.signal);
+      const answer = await upstreamFetch(req, method, only.url + backendPath(only, path), held === undefined ? req.body : held, req.signal);
       noteBackendAnswer(route, only, answer.status, answer.headers, Date.now());
       attempts = { response: answer, error: undefined, backend: only, count: 1, tried: only.name };
     } catch (error) {
@@ -397,6 +411,7 @@ export async function forward(req: Request, method: string, target: string, auth
   if (response === undefined) {
     clearTimeout(lift);
     metrics.requestsInFlight -= 1;
+    if (admission !== undefined) limited!.limiter.settle(admission, 502, undefined);
     return unanswered(req, method, target, route, attempts, startedAt, series, server);
   }
   clearTimeout(lift);
@@ -405,6 +420,7 @@ export async function forward(req: Request, method: string, target: string, auth
   const headers = response.headers;
   removeHopByHopHeaders(headers);
   if (COUNTED) noteRateLimits(attempts.backend!.rateLimits, series.deployment, headers);
+  if (admission !== undefined) putBudgetHeaders(headers, admission);
   metrics.requestBytes += bytesIn;
   const exchange: Exchange = {
     req,
@@ -429,6 +445,8 @@ export async function forward(req: Request, method: string, target: string, auth
     clientRequestId,
     usage: undefined,
     usageScan: undefined,
+    admission,
+    strip: undefined,
   };
   const lifted = idleTimerLifted(startedAt, headersAt);
   if (method === "HEAD") return headAnswered(response, exchange, lifted);
@@ -444,6 +462,11 @@ export async function forward(req: Request, method: string, target: string, auth
   }
   // A stream or a large body may run for minutes: no timer until it ends, then the keep-alive timer again.
   server.timeout(req, 0);
+  if (strip !== undefined && response.status === 200 && !headers.has("content-encoding") && usageEvents(headers) === true) {
+    // The usage chunk this proxy asked for is taken out before the client and counted from there.
+    exchange.strip = strip;
+    return new Response(relayBody(strippedUsageStream(body, strip), exchange), response);
+  }
   if (TOKENS_COUNTED && response.status === 200) exchange.usageScan = usageScanFor(headers);
   return new Response(relayBody(body, exchange), response);
 }
@@ -544,6 +567,10 @@ interface Exchange {
   usage: Usage | undefined;
   /** A relayed answer's scan for its usage, while it passes. */
   usageScan: UsageScan | undefined;
+  /** A limited caller's reservation, settled when the exchange ends. */
+  admission: Admission | undefined;
+  /** A stream whose usage chunk the proxy asked for and takes out: the usage it took. */
+  strip: UsageStrip | undefined;
 }
 
 /**
@@ -644,8 +671,11 @@ function exchangeEnded(exchange: Exchange, how: ExchangeEnd): void {
   }
   if (TOKENS_COUNTED) {
     if (exchange.usageScan !== undefined) exchange.usage = scannedUsage(exchange.usageScan);
+    if (exchange.strip !== undefined) exchange.usage = exchange.strip.usage;
     if (exchange.usage !== undefined) countTokens(metrics, series.set, series.deployment, exchange.usage);
   }
+  // A client that left keeps its reservation: the upstream's status, not 499, decides.
+  if (exchange.admission !== undefined) exchange.admission.caller.limiter.settle(exchange.admission, exchange.status, exchange.strip?.usage ?? exchange.usage);
   if (!accessLogEnabled) return;
   exchange.status = status;
   exchange.end = how;
@@ -664,6 +694,7 @@ function writeAccessLine(exchange: Exchange): void {
   putIntegerField(BYTES_OUT, exchange.bytesOut);
   if (series.deployment !== "") putStringField(DEPLOYMENT, series.deployment);
   if (series.set.caller !== undefined) putStringField(CALLER, series.set.caller);
+  if (exchange.admission !== undefined) putStringField(LIMITS_STORE, exchange.admission.store.kind);
   if (usage !== undefined) putUsageFields(usage);
   if (requestId !== null) putStringField(REQUEST_ID, requestId);
   if (clientRequestId !== null) putStringField(CLIENT_REQUEST_ID, clientRequestId);
@@ -715,16 +746,19 @@ interface ProxyState {
   relay: Relay;
   /** Who may call (a callers file, PROXY_API_KEYS, AUTH_PROXY_CALLER); undefined: anyone, unlabelled. */
   callers: Callers | undefined;
+  /** Callers' limits and their counts, kept across reloads; undefined without a callers file. */
+  limiter: Limiter | undefined;
   /** The routes and callers files, read again when they change: `routes`, `tokens` and `callers` are replaced whole, never edited. */
   watched: WatchedFile[];
   reloads: ReloadCounts;
   draining: boolean;
 }
 
-export function startProxy(config: Config, identity: Identity, callerEntries?: CallerEntry[]): RunningProxy {
+export function startProxy(config: Config, identity: Identity, callerEntries?: CallerEntry[], store?: StoreSettings): RunningProxy {
   const metrics = newMetrics();
   const routes = buildRoutes(config, (scope, labelled) => new TokenManager(identity, scope, labelled), metrics, process.env);
-  const callers = callersFor(config, metrics, callerEntries);
+  const limiter = config.callersFile === undefined ? undefined : startLimiter(identity, store ?? { redisUrl: undefined, passwordFile: undefined, entra: false, onFailure: "open" });
+  const callers = callersFor(config, metrics, callerEntries, limiter);
   for (const route of routes) route.tokens.routePrefixes.push(route.prefix);
   const watched: WatchedFile[] = [];
   if (config.routesFile !== undefined) watched.push({ file: "routes", path: config.routesFile, source: config.routesFileSource, text: undefined });
@@ -733,7 +767,7 @@ export function startProxy(config: Config, identity: Identity, callerEntries?: C
     const read = readWatched(file);
     if ("text" in read) file.text = read.text;
   }
-  const state: ProxyState = { config, identity, metrics, routes, tokens: tokenManagers(routes), relay: { sessions: new Set(), metrics, onIdle: undefined }, callers, watched, reloads: newReloadCounts(), draining: false };
+  const state: ProxyState = { config, identity, metrics, routes, tokens: tokenManagers(routes), relay: { sessions: new Set(), metrics, onIdle: undefined }, callers, limiter, watched, reloads: newReloadCounts(), draining: false };
   const server = listen(`${config.host}:${config.port}`, () => Bun.serve<RelaySession>(mainListener(state)));
   // kubelet's httpGet probes and Prometheus reach the pod IP while the proxy itself stays on 127.0.0.1.
   const admin = config.adminPort === undefined ? undefined : listen(`ADMIN_HOST:ADMIN_PORT ${config.adminHost}:${config.adminPort}`, () => Bun.serve(adminListener(state)));
@@ -750,6 +784,19 @@ export function startProxy(config: Config, identity: Identity, callerEntries?: C
     clearInterval(configPoll);
   };
   return { server, admin, reload: (trigger) => reloadChanged(state, trigger, true), shutdown: shutdownOnce(state, server, admin, stopTimers) };
+}
+
+/** The limits' store: memory, or Redis signed in with a password or (Azure Managed Redis) a token of the proxy's own identity. */
+function startLimiter(identity: Identity, settings: StoreSettings): Limiter {
+  const redisTokens = settings.entra ? new TokenManager(identity, REDIS_ENTRA_SCOPE, true) : undefined;
+  redisTokens?.start();
+  const store = storeFor(settings, () => redisTokens?.current?.authorization.slice(7));
+  const limiter = new Limiter(store, settings.onFailure);
+  if (store instanceof RedisStore) {
+    store.limiter = limiter;
+    void store.start();
+  }
+  return limiter;
 }
 
 /** The routes and callers files read again (src/reload.ts); a good one replaces its table. */
@@ -781,7 +828,7 @@ function reloadRoutes(state: ProxyState, watched: WatchedFile, text: string): st
 function reloadCallers(state: ProxyState, watched: WatchedFile, text: string): string[] | undefined {
   const result = reloadedCallers(text, watched, state.config, process.env);
   if ("faults" in result) return result.faults;
-  state.callers = callersFor(state.config, state.metrics, result.callers);
+  state.callers = callersFor(state.config, state.metrics, result.callers, state.limiter);
   state.callers?.start();
   return undefined;
 }
@@ -824,9 +871,11 @@ function ready(state: ProxyState, method: string): Response {
   return new Response(method === "HEAD" ? null : body, { status: serving ? 200 : 503, headers: JSON_HEADERS });
 }
 
-function metricsPage({ metrics, routes, tokens, identity, relay, watched, reloads }: ProxyState, method: string): Response {
+function metricsPage({ metrics, routes, tokens, identity, relay, watched, reloads, limiter }: ProxyState, method: string): Response {
   const configReloads = Object.fromEntries(watched.map(({ file }) => [file, reloads[file]]));
-  const text = renderMetrics({ metrics, routes, tokens, certificate: identity.certificate, websocketSessionsOpen: relay.sessions.size, heldRequestBodyBytes: heldBodyBytes, configReloads });
+  const lines: string[] = [];
+  limiter?.render(lines);
+  const text = renderMetrics({ metrics, routes, tokens, certificate: identity.certificate, websocketSessionsOpen: relay.sessions.size, heldRequestBodyBytes: heldBodyBytes, configReloads }) + (lines.length === 0 ? "" : `${lines.join("\n")}\n`);
   return new Response(method === "HEAD" ? null : text, { headers: METRICS_HEADERS });
 }
 
@@ -888,7 +937,7 @@ function handleRequest(state: ProxyState, req: Request, server: ProxyServer): Re
 
 /** A caller identified goes on to its route; a refusal is counted under its caller (or `unknown`) and nothing is forwarded. */
 function admitted(state: ProxyState, req: Request, server: ProxyServer, method: string, target: string, caller: Caller | Refusal): Response | Promise<Response | undefined> | undefined {
-  if (!("code" in caller)) return routed(state, req, server, method, target, caller.figures);
+  if (!("code" in caller)) return routed(state, req, server, method, target, caller.figures, caller.limited);
   const { metrics } = state;
   caller.figures.rejections.set(caller.code, (caller.figures.rejections.get(caller.code) ?? 0) + 1);
   answered(metrics, method, target, caller.status, performance.now(), requestSeries(metrics, method, deploymentLabel(metrics, target), caller.figures));
@@ -896,7 +945,7 @@ function admitted(state: ProxyState, req: Request, server: ProxyServer, method: 
 }
 
 /** To the request's route with its scope's token, forwarded or relayed, counted under its caller's series. */
-function routed(state: ProxyState, req: Request, server: ProxyServer, method: string, target: string, figures: SeriesSet): Response | Promise<Response | undefined> | undefined {
+function routed(state: ProxyState, req: Request, server: ProxyServer, method: string, target: string, figures: SeriesSet, limited?: LimitedCaller): Response | Promise<Response | undefined> | undefined {
   const { metrics } = state;
   const route = matchRoute(state.routes, target);
   if (route === undefined) {
@@ -911,8 +960,8 @@ function routed(state: ProxyState, req: Request, server: ProxyServer, method: st
       "retry-after": String(route.tokens.retryAfterSeconds(now)),
     });
   }
-  if (isWebSocketUpgrade(req.headers)) return relayWebSocket(req, server, target, token.authorization, route, state.relay, figures);
-  return forward(req, method, target, token.authorization, route, server, figures);
+  if (isWebSocketUpgrade(req.headers)) return relayWebSocket(req, server, target, token.authorization, route, state.relay, figures, limited);
+  return forward(req, method, target, token.authorization, route, server, figures, limited);
 }
 
 /** The admin listener: the proxy's own endpoints only, never forwarded. */
@@ -1201,6 +1250,9 @@ export async function main(argv: string[]): Promise<void> {
   const callersRead = callerEntriesOf(config, config.callersFileSource);
   if ("errors" in callersRead) fail(callersRead.errors);
   const callerEntries = callersRead.entries;
+  const store = storeSettings(process.env);
+  if ("errors" in store) fail(store.errors);
+  if (store.settings.redisUrl !== undefined && config.callersFile === undefined) fail(["AUTH_PROXY_REDIS_URL is set without AUTH_PROXY_CALLERS: limits belong to the callers file's callers"]);
 
   // Before the credential is read: the process that replaces this one reads it again.
   if (!flags["--check"]) reexecWithFetchConcurrencyLimit();
@@ -1215,7 +1267,7 @@ export async function main(argv: string[]): Promise<void> {
 
   let proxy: RunningProxy;
   try {
-    proxy = startProxy(config, identity, callerEntries);
+    proxy = startProxy(config, identity, callerEntries, store.settings);
   } catch (error) {
     fail([errorMessage(error)]);
   }
@@ -1236,6 +1288,7 @@ export async function main(argv: string[]): Promise<void> {
     callers_file: config.callersFile,
     callers: callerEntries?.map((entry) => entry.name),
     caller: config.callerName,
+    limits_store: config.callersFile === undefined ? undefined : store.settings.redisUrl === undefined ? "memory" : `redis ${redactedUrl(store.settings.redisUrl)}${store.settings.entra ? " (Entra ID)" : ""}, on failure ${store.settings.onFailure}`,
   });
   for (const warning of configurationWarnings(config)) log("warn", warning);
 }

@@ -5,7 +5,7 @@
  * AUTH_PROXY_CALLER names the app behind a sidecar. Where a caller presents
  * its credential, and the 401/403 refusals.
  *
- * Imports: log, config, metrics, caller-tokens.
+ * Imports: log, config, metrics, caller-tokens, limits.
  */
 import { createHash, timingSafeEqual } from "node:crypto";
 import { statSync } from "node:fs";
@@ -13,6 +13,7 @@ import { errorMessage, log, pathOf, SECOND } from "./log.ts";
 import { type Config, isMapping, parseConfigText, readCallerKeysFile, readConfigFile, unknownKeys } from "./config.ts";
 import { callerSeries, deploymentLabel, endsPathSegment, type Metrics, type RequestSeries, requestSeries, type SeriesSet } from "./metrics.ts";
 import { CallerTokens, looksLikeJwt, type TokenVerdict } from "./caller-tokens.ts";
+import { type CallerLimits, type LimitedCaller, type Limiter, parseLimits } from "./limits.ts";
 
 /**
  * Credentials a WebSocket client may carry where a browser lets it: the
@@ -34,6 +35,8 @@ export interface Caller {
   /** The path prefixes it may use (on a segment boundary); undefined: every route. */
   paths: string[] | undefined;
   figures: SeriesSet;
+  /** Its limits, counted by the limiter that outlives reloads; undefined: none. */
+  limited: LimitedCaller | undefined;
 }
 
 /** Why a request is refused before forwarding: 401 (who is it?) or 403 (not here). */
@@ -56,9 +59,10 @@ export interface CallerEntry {
   keys: Buffer[];
   entra: { tenant: string; appIds: string[]; objectIds: string[] } | undefined;
   paths: string[] | undefined;
+  limits: CallerLimits | undefined;
 }
 
-const CALLER_KEYS = ["name", "keys", "entra", "routes"];
+const CALLER_KEYS = ["name", "keys", "entra", "routes", "limits"];
 
 /**
  * The callers file (YAML or JSON): every fault found, by place
@@ -95,7 +99,8 @@ export function parseCallers(text: string, env: Record<string, string | undefine
     });
     const entra = entraRule(fields.entra, `${place}.entra`, faults);
     const paths = pathPrefixes(fields.routes, `${place}.routes`, faults);
-    if (typeof name === "string") callers.push({ name, keys, entra, paths });
+    const limits = parseLimits(fields.limits, `${place}.limits`, faults);
+    if (typeof name === "string") callers.push({ name, keys, entra, paths, limits });
   });
   return { callers, faults };
 }
@@ -161,15 +166,16 @@ export class Callers {
   constructor(
     private readonly metrics: Metrics,
     entries: CallerEntry[],
-    options: { audience?: string; authorityHost: string; sidecarCaller?: string; keysFile?: string },
+    options: { audience?: string; authorityHost: string; sidecarCaller?: string; keysFile?: string; limiter?: Limiter },
   ) {
     this.unknown = callerSeries(metrics, "unknown");
     this.callerNames = entries.map((entry) => entry.name);
-    const callers = entries.map((entry) => ({ entry, caller: { name: entry.name, paths: entry.paths, figures: callerSeries(metrics, entry.name) } }));
+    const limited = (entry: CallerEntry) => (entry.limits === undefined || options.limiter === undefined ? undefined : options.limiter.callerFor(entry.name, entry.limits));
+    const callers = entries.map((entry) => ({ entry, caller: { name: entry.name, paths: entry.paths, figures: callerSeries(metrics, entry.name), limited: limited(entry) } }));
     this.keys = callers.flatMap(({ entry, caller }) => entry.keys.map((digest) => ({ digest, caller })));
     const rules = callers.flatMap(({ entry, caller }) => (entry.entra === undefined ? [] : [{ ...entry.entra, caller }]));
     this.tokens = rules.length === 0 ? undefined : new CallerTokens(rules, options.audience!, options.authorityHost);
-    this.sidecar = options.sidecarCaller === undefined ? undefined : (callers.find(({ caller }) => caller.name === options.sidecarCaller)?.caller ?? { name: options.sidecarCaller, paths: undefined, figures: callerSeries(metrics, options.sidecarCaller) });
+    this.sidecar = options.sidecarCaller === undefined ? undefined : (callers.find(({ caller }) => caller.name === options.sidecarCaller)?.caller ?? { name: options.sidecarCaller, paths: undefined, figures: callerSeries(metrics, options.sidecarCaller), limited: undefined });
     if (options.keysFile !== undefined) {
       this.keysFile = options.keysFile;
       this.fileStamp = fileStampOf(options.keysFile);
@@ -256,7 +262,7 @@ export class Callers {
     this.fileStamp = stamp;
     try {
       const keys = readCallerKeysFile(this.keysFile);
-      this.keys = keyCallers(keys).map((entry) => ({ digest: entry.keys[0]!, caller: { name: entry.name, paths: undefined, figures: callerSeries(this.metrics, entry.name) } }));
+      this.keys = keyCallers(keys).map((entry) => ({ digest: entry.keys[0]!, caller: { name: entry.name, paths: undefined, figures: callerSeries(this.metrics, entry.name), limited: undefined } }));
       log("info", "caller keys reloaded", { file: this.keysFile, keys: keys.length });
     } catch (error) {
       log("error", "caller keys file unusable; keeping the last good keys", { error: errorMessage(error), keys: this.keys.length });
@@ -268,7 +274,7 @@ export class Callers {
 function keyCallers(keys: string[]): CallerEntry[] {
   return keys.map((key) => {
     const digest = digestOf(key);
-    return { name: digest.toString("hex").slice(0, 8), keys: [digest], entra: undefined, paths: undefined };
+    return { name: digest.toString("hex").slice(0, 8), keys: [digest], entra: undefined, paths: undefined, limits: undefined };
   });
 }
 
@@ -330,8 +336,8 @@ export function presentedCallerKey(headers: Headers, target: string): string | u
 }
 
 /** The callers a configuration names: its callers file's entries, its keys, or the sidecar's one app; undefined: anyone, unlabelled. */
-export function callersFor(config: Config, metrics: Metrics, entries: CallerEntry[] | undefined): Callers | undefined {
-  const options = { audience: config.audience, authorityHost: config.authorityHost, sidecarCaller: config.callerName };
+export function callersFor(config: Config, metrics: Metrics, entries: CallerEntry[] | undefined, limiter?: Limiter): Callers | undefined {
+  const options = { audience: config.audience, authorityHost: config.authorityHost, sidecarCaller: config.callerName, limiter };
   if (entries !== undefined) return new Callers(metrics, entries, options);
   if (config.callerKeys !== undefined) return Callers.fromKeys(metrics, config.callerKeys.keys, config.authorityHost, "file" in config.callerKeys ? config.callerKeys.file : undefined);
   return config.callerName === undefined ? undefined : new Callers(metrics, [], options);

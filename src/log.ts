@@ -343,6 +343,7 @@ export const DEPLOYMENT = asciiBytes(',"deployment":');
 export const ROUTE = asciiBytes(',"route":');
 
 export const CALLER = asciiBytes(',"caller":');
+export const LIMITS_STORE = asciiBytes(',"limits":');
 
 export const BACKEND = asciiBytes(',"backend":');
 

@@ -257,9 +257,9 @@ export function noteRateLimits(seen: Map<string, RateLimitsSeen>, deployment: st
   if (tokens !== null) figures.tokens = Number(tokens);
 }
 
-const escapeLabel = (value: string) => value.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
+export const escapeLabel = (value: string) => value.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
 
-function family(lines: string[], name: string, type: "counter" | "gauge" | "histogram", help: string): void {
+export function family(lines: string[], name: string, type: "counter" | "gauge" | "histogram", help: string): void {
   lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
 }
 

@@ -408,3 +408,9 @@ function resumedBody(chunks: Uint8Array[], reader: BodyReader): ReadableStream<U
     { highWaterMark: 0 },
   );
 }
+
+/** A held body replaced by another (a limited caller's stream asked for its usage): the budget counts the one that is sent. */
+export function swapHeldBody(from: Uint8Array, to: Uint8Array): Uint8Array {
+  heldBodyBytes += to.byteLength - from.byteLength;
+  return to;
+}

@@ -4,12 +4,13 @@
  * one copy loop per direction with back-pressure, closes passed on, the
  * session's line and its Realtime token usage.
  *
- * Imports: log, identity, metrics, routes, callers, pools, usage, http.
+ * Imports: log, identity, metrics, usage, routes, limits, callers, pools, http.
  */
 import { errorMessage, log, pathEnd, pathOf, SECOND } from "./log.ts";
 import { readBounded } from "./identity.ts";
 import { boundedLabel, DEPLOYMENT_NAME, deploymentLabel, MAX_DEPLOYMENT_LABELS, type Metrics, MODEL_NAME, requestSeries, type SeriesSet, TOKEN_TYPES, upstreamErrorReason } from "./metrics.ts";
 import { type FailoverReason, forwardedPath, type Route } from "./routes.ts";
+import { type LimitedCaller } from "./limits.ts";
 import { CREDENTIAL_QUERY_PARAMETERS, INSECURE_KEY_SUBPROTOCOL } from "./callers.ts";
 import { backendPath, chooseBackend, failoverReason, noteBackendAnswer } from "./pools.ts";
 import { countTokens, TOKENS_COUNTED, type Usage, usageInBody } from "./usage.ts";
@@ -108,6 +109,8 @@ export interface RelaySession {
   figures: SeriesSet;
   /** The deployment label its tokens are counted under, from the path or the `deployment` query parameter. */
   deployment: string;
+  /** A limited caller's session: each response's usage is charged as it ends. */
+  limited: LimitedCaller | undefined;
   /** The model `session.created` named, and the tokens of the session's responses so far (-1: none said). */
   model: string;
   tokens: Usage["tokens"];
@@ -140,12 +143,21 @@ export async function relayWebSocket(
   route: Route,
   relay: Relay,
   figures: SeriesSet,
+  limited: LimitedCaller | undefined,
 ): Promise<Response | undefined> {
   const startedAt = performance.now();
   const counted = (status: number) => answered(route.metrics, req.method, target, status, startedAt, requestSeries(route.metrics, req.method, deploymentLabel(route.metrics, target), figures));
   const protocols = upstreamSubprotocols(req.headers.get("sec-websocket-protocol"));
   const fault = handshakeFault(req, protocols);
   if (fault !== undefined) return badHandshake(fault, counted);
+  if (limited !== undefined) {
+    // Admitted like a request (one request, a token so that a spent quota refuses it); its responses are charged as they end.
+    const admission = await limited.limiter.admit(limited, 1);
+    if (!("caller" in admission)) {
+      counted(admission.status);
+      return proxyError(admission.status, admission.code, admission.message, admission.headers);
+    }
+  }
   // A fragment never belongs to a request (RFC 9112 section 3.2); fetch drops it, and so does the relay.
   const path = withoutCredentialParameters(withoutFragment(forwardedPath(route, target)));
   const headers = upstreamHandshakeHeaders(req.headers, authorization);
@@ -174,7 +186,7 @@ export async function relayWebSocket(
       // Bun's client refuses what it cannot send (a malformed URL or protocol): the client's handshake was at fault.
       return badHandshake(errorMessage(error), counted);
     }
-    session = newSession(socket, target, deployment, startedAt, relay, figures);
+    session = newSession(socket, target, deployment, startedAt, relay, figures, limited);
     const failure = await upstreamHandshake(socket, req.signal);
     if (failure === undefined) break;
     const status = refusalStatus(failure);
@@ -227,6 +239,7 @@ function noteRealtimeEvent(session: RelaySession, frame: string): void {
   const tokens = usageInBody(Buffer.from(frame))?.tokens;
   if (tokens === undefined) return;
   countTokens(session.metrics, session.figures, session.deployment, { model: session.model, tokens });
+  session.limited?.limiter.charge(session.limited, { model: session.model, tokens });
   for (let type = 0; type < tokens.length; type += 1) if (tokens[type]! >= 0) session.tokens[type] = Math.max(session.tokens[type]!, 0) + tokens[type]!;
 }
 
@@ -240,7 +253,7 @@ function sessionUsageFields(session: RelaySession): Record<string, string | numb
 }
 
 /** A session for an upstream socket whose handshake is under way: its frames queue until the client's upgrade completes. */
-function newSession(socket: WebSocket, target: string, deployment: string, startedAt: number, relay: Relay, figures: SeriesSet): RelaySession {
+function newSession(socket: WebSocket, target: string, deployment: string, startedAt: number, relay: Relay, figures: SeriesSet, limited: LimitedCaller | undefined): RelaySession {
   socket.binaryType = "nodebuffer";
   const session: RelaySession = {
     path: pathOf(target),
@@ -260,6 +273,7 @@ function newSession(socket: WebSocket, target: string, deployment: string, start
     metrics: relay.metrics,
     figures,
     deployment,
+    limited,
     model: "",
     tokens: [-1, -1, -1, -1],
   };
