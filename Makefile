@@ -92,14 +92,15 @@ BASE ?= HEAD
 bench-ab: build-x64
 	@command -v wrk >/dev/null || { echo "installing wrk (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk util-linux >/dev/null; }
 	rm -rf dist/base && mkdir -p dist/base
-	git archive $(BASE) proxy.ts package.json $$(git ls-tree --name-only $(BASE) src) | tar -x -C dist/base
+	git archive $(BASE) proxy.ts package.json $$(git ls-tree --name-only $(BASE) src) | tar -x -C dist/base --exclude='*.test.ts'
 	cd dist/base && $(CURDIR)/$(BUN) run build --define 'AUTH_PROXY_COMMIT="$(shell git rev-parse --short=12 $(BASE))"' --target=$(X64_TARGET) --outfile auth-proxy
 	$(BUN) bench/ab.ts dist/base/auth-proxy dist/auth-proxy
 
 # Minutes under load, hostile input and long silences (about 15 min); writes its section of bench/RESULTS.md.
 # Each proxied stream holds two sockets: the open-file limit is raised as far as the hard limit allows.
-soak: build-x64
+soak: build-x64 test-tools
 	ulimit -n $$(ulimit -Hn) && $(BUN) bench/soak.ts
+	$(BUN) bench/limits-soak.ts dist/auth-proxy
 
 clean:
 	rm -rf node_modules dist

@@ -1062,6 +1062,8 @@ Environment only:
   AZURE_CLIENT_SEND_CERTIFICATE_CHAIN  true sends x5c (subject name/issuer auth) (false)
   SHUTDOWN_TIMEOUT                     seconds to let requests finish on SIGTERM (25)
   PROXY_API_KEYS, PROXY_API_KEYS_FILE  keys callers must send as api-key or Bearer (off)
+  AUTH_PROXY_REDIS_URL (_PASSWORD_FILE, _AUTH=entra)  callers' limits shared by every replica through Redis (memory)
+  AUTH_PROXY_LIMITS_ON_STORE_FAILURE   open (each replica counts alone) or closed (503) while Redis is away (open)
   NODE_EXTRA_CA_CERTS, HTTPS_PROXY, NO_PROXY  as usual
 
 Endpoints: /health (200 with a token for every route, else 503), /ready (200 while any route has one: a gateway's

@@ -338,6 +338,7 @@ export function presentedCallerKey(headers: Headers, target: string): string | u
 /** The callers a configuration names: its callers file's entries, its keys, or the sidecar's one app; undefined: anyone, unlabelled. */
 export function callersFor(config: Config, metrics: Metrics, entries: CallerEntry[] | undefined, limiter?: Limiter): Callers | undefined {
   const options = { audience: config.audience, authorityHost: config.authorityHost, sidecarCaller: config.callerName, limiter };
+  limiter?.forgetLimits();
   if (entries !== undefined) return new Callers(metrics, entries, options);
   if (config.callerKeys !== undefined) return Callers.fromKeys(metrics, config.callerKeys.keys, config.authorityHost, "file" in config.callerKeys ? config.callerKeys.file : undefined);
   return config.callerName === undefined ? undefined : new Callers(metrics, [], options);

@@ -12,7 +12,7 @@ import { RedisClient } from "bun";
 import { readFileSync } from "node:fs";
 import { errorMessage, log, SECOND } from "./log.ts";
 import { type Environment } from "./config.ts";
-import { calendarKeys, type CallerLimits, LIMIT_NAMES, type LimitName, type Limiter, MemoryStore, type Store, type StoreFailureMode, type Verdict } from "./limits.ts";
+import { calendarKeys, type CallerLimits, type LimitName, type Limiter, MemoryStore, type Store, type StoreFailureMode, type Verdict } from "./limits.ts";
 
 /** The scope Azure Managed Redis takes Entra ID tokens for. */
 export const REDIS_ENTRA_SCOPE = "https://redis.azure.com/.default";
@@ -26,72 +26,128 @@ const MINUTE_TTL_SECONDS = 120;
 const GENERATION_TTL_SECONDS = 40 * 86_400;
 
 /**
- * KEYS: minute hash, day, month, generation. ARGV: tokens, tokens/min,
- * requests/min, tokens/day, tokens/month (0: none), day TTL, month TTL, a
- * generation to set when none. The same rules as MemoryStore.admit, on
- * Redis's clock (one clock for every replica).
+ * KEYS: minute hash, day, month, generation. ARGV: "tokens,tokens/min,
+ * requests/min,tokens/day,tokens/month" (0: none) and a generation to set
+ * when there is none. The same rules as MemoryStore.admit, on Redis's
+ * clock (one clock for every replica). The minute hash holds a slot per
+ * second (`t<second>`, `r<second>`) and their running sums (`T`, `R`); `c`
+ * is the last second whose slots are taken out of the sums. An admission
+ * reads three fields and takes out the seconds that left the window since
+ * the last one, never the whole hash (that only to say when to retry): 8
+ * calls where reading every slot took 15, 20 µs of Redis CPU (measured).
  */
 const ADMIT = `
+local a = {}
+for n in string.gmatch(ARGV[1], '[^,]+') do a[#a + 1] = tonumber(n) end
+local need, tpm, rpm, tpd, tpmo = a[1], a[2], a[3], a[4], a[5]
 local t = redis.call('TIME')
 local now = tonumber(t[1])
-local nowMs = now * 1000 + math.floor(tonumber(t[2]) / 1000)
-local need, tpm, rpm, tpd, tpmo = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local gen = redis.call('GET', KEYS[4])
-if not gen then gen = ARGV[8]; redis.call('SET', KEYS[4], gen, 'EX', ${GENERATION_TTL_SECONDS}) end
-local tokens, requests, tslots, rslots = 0, 0, {}, {}
-if tpm > 0 or rpm > 0 then
+if not gen then gen = ARGV[2]; redis.call('SET', KEYS[4], gen, 'EX', ${GENERATION_TTL_SECONDS}) end
+local day, month = 0, 0
+local function undo()
+  if tpd > 0 then redis.call('DECRBY', KEYS[2], need) end
+  if tpmo > 0 then redis.call('DECRBY', KEYS[3], need) end
+end
+-- The calendar counts are added first and taken back on a refusal: one call each instead of a read and a write.
+if tpd > 0 then
+  day = redis.call('INCRBY', KEYS[2], need)
+  if day == need then redis.call('EXPIRE', KEYS[2], ${DAY_TTL_SECONDS}) end
+end
+if tpmo > 0 then
+  month = redis.call('INCRBY', KEYS[3], need)
+  if month == need then redis.call('EXPIRE', KEYS[3], ${MONTH_TTL_SECONDS}) end
+end
+if tpd > 0 and day > tpd then undo(); return {'tokens_per_day', day - need, -1} end
+if tpmo > 0 and month > tpmo then undo(); return {'tokens_per_month', month - need, -1} end
+if tpm == 0 and rpm == 0 then return {'', gen, now, 0, 0, tpd - day, tpmo - month} end
+local m = redis.call('HMGET', KEYS[1], 'T', 'R', 'c')
+local cleaned = tonumber(m[3])
+local tokens, requests = 0, 0
+if cleaned and cleaned > now - 122 then
+  tokens, requests = tonumber(m[1]) or 0, tonumber(m[2]) or 0
+  for sec = cleaned + 1, now - 61 do
+    local v = redis.call('HMGET', KEYS[1], 't' .. sec, 'r' .. sec)
+    if v[1] or v[2] then
+      tokens = tokens - (tonumber(v[1]) or 0)
+      requests = requests - (tonumber(v[2]) or 0)
+      redis.call('HDEL', KEYS[1], 't' .. sec, 'r' .. sec)
+    end
+  end
+elseif cleaned then
+  redis.call('DEL', KEYS[1])
+end
+local moved = cleaned == nil or cleaned < now - 61
+local function wait(kind, used, more, limit)
   local h = redis.call('HGETALL', KEYS[1])
+  local slots = {}
   for i = 1, #h, 2 do
     local sec = tonumber(string.sub(h[i], 2))
-    local v = tonumber(h[i + 1])
-    if sec <= now - 61 then redis.call('HDEL', KEYS[1], h[i])
-    elseif string.sub(h[i], 1, 1) == 't' then tokens = tokens + v; tslots[#tslots + 1] = {sec, v}
-    else requests = requests + v; rslots[#rslots + 1] = {sec, v} end
+    if string.sub(h[i], 1, 1) == kind and sec and sec > now - 61 then slots[#slots + 1] = {sec, tonumber(h[i + 1])} end
   end
-end
-local day = 0
-local month = 0
-if tpd > 0 then day = tonumber(redis.call('GET', KEYS[2]) or '0') end
-if tpmo > 0 then month = tonumber(redis.call('GET', KEYS[3]) or '0') end
-local function wait(slots, used, more, limit)
-  table.sort(slots, function(a, b) return a[1] < b[1] end)
+  table.sort(slots, function(x, y) return x[1] < y[1] end)
   local over = used + more - limit
+  local nowMs = now * 1000 + math.floor(tonumber(t[2]) / 1000)
   for _, s in ipairs(slots) do
     over = over - s[2]
     if over <= 0 then return math.max(1, (s[1] + 61) * 1000 - nowMs) end
   end
   return -1
 end
-if tpd > 0 and day + need > tpd then return {'tokens_per_day', day, -1} end
-if tpmo > 0 and month + need > tpmo then return {'tokens_per_month', month, -1} end
-if rpm > 0 and requests + 1 > rpm then return {'requests_per_minute', requests, wait(rslots, requests, 1, rpm)} end
-if tpm > 0 and tokens + need > tpm then return {'tokens_per_minute', tokens, wait(tslots, tokens, need, tpm)} end
-if tpm > 0 or rpm > 0 then
-  if tpm > 0 then redis.call('HINCRBY', KEYS[1], 't' .. now, need) end
-  if rpm > 0 then redis.call('HINCRBY', KEYS[1], 'r' .. now, 1) end
-  redis.call('EXPIRE', KEYS[1], ${MINUTE_TTL_SECONDS})
+local refused
+if rpm > 0 and requests + 1 > rpm then refused = {'requests_per_minute', requests, wait('r', requests, 1, rpm)}
+elseif tpm > 0 and tokens + need > tpm then refused = {'tokens_per_minute', tokens, wait('t', tokens, need, tpm)} end
+if refused then
+  undo()
+  if moved then redis.call('HSET', KEYS[1], 'T', tokens, 'R', requests, 'c', now - 61) end
+  return refused
 end
-if tpd > 0 then redis.call('INCRBY', KEYS[2], need); redis.call('EXPIRE', KEYS[2], ARGV[6]) end
-if tpmo > 0 then redis.call('INCRBY', KEYS[3], need); redis.call('EXPIRE', KEYS[3], ARGV[7]) end
-return {'', gen, now, tpm - tokens - need, rpm - requests - 1, tpd - day - need, tpmo - month - need}
+if tpm > 0 then redis.call('HINCRBY', KEYS[1], 't' .. now, need) end
+if rpm > 0 then redis.call('HINCRBY', KEYS[1], 'r' .. now, 1) end
+if moved then
+  redis.call('HSET', KEYS[1], 'T', tokens + need, 'R', requests + 1, 'c', now - 61)
+  -- Once a second at most: a hash in use never expires, one idle for two minutes does.
+  redis.call('EXPIRE', KEYS[1], ${MINUTE_TTL_SECONDS})
+else
+  redis.call('HSET', KEYS[1], 'T', tokens + need, 'R', requests + 1)
+end
+return {'', gen, now, tpm - tokens - need, rpm - requests - 1, tpd - day, tpmo - month}
 `;
 
 /**
- * KEYS as ADMIT's. ARGV: tokens (negative gives back), the admission's
- * second (0: now), its generation ('': any), minute/day/month counted (1/0),
- * day TTL, month TTL. A settlement for a Redis that restarted since is dropped.
+ * KEYS as ADMIT's. ARGV: the admissions' generation ('': any), which
+ * windows count ("minute,day,month" as 1/0), and "second,tokens;..." (a
+ * second of 0: now; negative tokens give back). Settlements of a Redis
+ * that restarted since their admission are dropped.
  */
 const ADJUST = `
-if ARGV[3] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[3] then return 0 end
+if ARGV[1] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[1] then return 0 end
 local now = tonumber(redis.call('TIME')[1])
-local sec = tonumber(ARGV[2])
-if sec == 0 then sec = now end
-local d = tonumber(ARGV[1])
-if ARGV[4] == '1' and sec > now - 61 then redis.call('HINCRBY', KEYS[1], 't' .. sec, d); redis.call('EXPIRE', KEYS[1], ${MINUTE_TTL_SECONDS}) end
-if ARGV[5] == '1' then redis.call('INCRBY', KEYS[2], d); redis.call('EXPIRE', KEYS[2], ARGV[7]) end
-if ARGV[6] == '1' then redis.call('INCRBY', KEYS[3], d); redis.call('EXPIRE', KEYS[3], ARGV[8]) end
+local minute, day, month = string.match(ARGV[2], '(%d),(%d),(%d)')
+local cleaned = tonumber(redis.call('HGET', KEYS[1], 'c'))
+if minute == '1' and not cleaned then
+  cleaned = now - 61
+  redis.call('HSET', KEYS[1], 'c', cleaned, 'T', 0, 'R', 0)
+end
+local total = 0
+for sec, d in string.gmatch(ARGV[3], '(%d+),(-?%d+)') do
+  sec = tonumber(sec)
+  d = tonumber(d)
+  if sec == 0 then sec = now end
+  total = total + d
+  if minute == '1' and sec > cleaned then
+    redis.call('HINCRBY', KEYS[1], 't' .. sec, d)
+    redis.call('HINCRBY', KEYS[1], 'T', d)
+  end
+end
+if minute == '1' then redis.call('EXPIRE', KEYS[1], ${MINUTE_TTL_SECONDS}) end
+if day == '1' then redis.call('INCRBY', KEYS[2], total); redis.call('EXPIRE', KEYS[2], ${DAY_TTL_SECONDS}) end
+if month == '1' then redis.call('INCRBY', KEYS[3], total); redis.call('EXPIRE', KEYS[3], ${MONTH_TTL_SECONDS}) end
 return 1
 `;
+
+/** Settlements wait this long to go out together, one script call per caller: a request's settlement costs no round trip of its own. */
+const SETTLEMENT_BATCH_MS = 10;
 
 /** The store's settings: AUTH_PROXY_REDIS_URL and how it authenticates, AUTH_PROXY_LIMITS_ON_STORE_FAILURE. */
 export interface StoreSettings {
@@ -153,6 +209,11 @@ export class RedisStore implements Store {
   private readonly timer: Timer;
   /** Set once the limiter exists, to count settlements that fail. */
   limiter: Limiter | undefined;
+  /** This process's part of a generation it proposes; the time makes each proposal new. */
+  private readonly candidate = crypto.randomUUID();
+  private readonly keys = new Map<string, { day: number; keys: string[] }>();
+  private readonly settlements = new Map<string, { keys: string[]; generation: string; counted: string; entries: string }>();
+  private flushTimer: Timer | undefined;
 
   constructor(
     private readonly settings: StoreSettings,
@@ -166,12 +227,22 @@ export class RedisStore implements Store {
 
   /** Connected at start (Bun's client fails commands until then); a store that is down at start is the same as one that goes down later. */
   async start(): Promise<void> {
+    // With Entra ID and no token yet, the first token's arrival connects (tend).
+    if (this.token !== undefined && this.signedInWith === undefined) return;
     try {
       await this.client.connect();
-      log("info", "limits store connected", { store: redactedUrl(this.settings.redisUrl!) });
+      this.connected();
     } catch (error) {
       log("warn", "limits store unreachable at start", { store: redactedUrl(this.settings.redisUrl!), error: errorMessage(error) });
     }
+  }
+
+  private everConnected = false;
+
+  private connected(): void {
+    if (this.everConnected) return;
+    this.everConnected = true;
+    log("info", "limits store connected", { store: redactedUrl(this.settings.redisUrl!), auth: this.token === undefined ? (this.settings.passwordFile !== undefined || new URL(this.settings.redisUrl!).password !== "" ? "password" : "none") : "entra" });
   }
 
   stop(): void {
@@ -180,16 +251,43 @@ export class RedisStore implements Store {
   }
 
   admit(caller: string, limits: CallerLimits, tokens: number, nowMs: number): Promise<Verdict> {
-    const { day, month } = calendarKeys(nowMs);
-    const args = [String(tokens), ...LIMIT_NAMES.map((name) => String(limits[name])), String(DAY_TTL_SECONDS), String(MONTH_TTL_SECONDS), crypto.randomUUID()];
-    return this.run(ADMIT, keysOf(caller, day, month), args).then((reply) => verdictOf(reply as (string | number)[]));
+    const args = `${tokens},${limits.tokens_per_minute},${limits.requests_per_minute},${limits.tokens_per_day},${limits.tokens_per_month}`;
+    return this.run(ADMIT, this.keysOf(caller, nowMs), [args, `${this.candidate}:${nowMs}`]).then((reply) => verdictOf(reply as (string | number)[]));
   }
 
   adjust(caller: string, limits: CallerLimits, tokens: number, second: number, generation: string, nowMs: number): void {
-    const { day, month } = calendarKeys(second === 0 ? nowMs : second * SECOND);
-    const counted = [limits.tokens_per_minute > 0, limits.tokens_per_day > 0, limits.tokens_per_month > 0].map((on) => (on ? "1" : "0"));
-    const args = [String(tokens), String(second), generation, ...counted, String(DAY_TTL_SECONDS), String(MONTH_TTL_SECONDS)];
-    void this.run(ADJUST, keysOf(caller, day, month), args).catch((error) => this.limiter?.storeFailed(error));
+    const keys = this.keysOf(caller, second === 0 ? nowMs : second * SECOND);
+    const group = `${keys[1]}\u0000${generation}`;
+    let batch = this.settlements.get(group);
+    if (batch === undefined) {
+      const counted = `${limits.tokens_per_minute > 0 ? 1 : 0},${limits.tokens_per_day > 0 ? 1 : 0},${limits.tokens_per_month > 0 ? 1 : 0}`;
+      batch = { keys, generation, counted, entries: "" };
+      this.settlements.set(group, batch);
+    }
+    batch.entries += `${second},${tokens};`;
+    this.flushTimer ??= setTimeout(() => this.flush(), SETTLEMENT_BATCH_MS);
+  }
+
+  /** The settlements of the last few milliseconds, one script call per caller and day. */
+  private flush(): void {
+    this.flushTimer = undefined;
+    const batches = [...this.settlements.values()];
+    this.settlements.clear();
+    for (const { keys, generation, counted, entries } of batches) {
+      void this.run(ADJUST, keys, [generation, counted, entries]).catch((error) => this.limiter?.storeFailed(error));
+    }
+  }
+
+  /** A caller's keys for the day a time falls in, made once a day. */
+  private keysOf(caller: string, ms: number): string[] {
+    const day = Math.floor(ms / 86_400_000);
+    const cached = this.keys.get(caller);
+    if (cached !== undefined && cached.day === day) return cached.keys;
+    const { day: dayKey, month } = calendarKeys(ms);
+    const keys = keysOf(caller, dayKey, month);
+    // Only today's are kept: a settlement of yesterday's makes its own.
+    if (day === Math.floor(Date.now() / 86_400_000)) this.keys.set(caller, { day, keys });
+    return keys;
   }
 
   /** EVALSHA; after NOSCRIPT (a restarted or flushed Redis) EVAL, which loads the script again. */
@@ -228,7 +326,10 @@ export class RedisStore implements Store {
       const before = this.client;
       this.client = this.newClient();
       void this.client.connect().then(
-        () => setTimeout(() => before.close(), 5 * SECOND).unref(),
+        () => {
+          this.connected();
+          setTimeout(() => before.close(), 5 * SECOND).unref();
+        },
         (error) => log("warn", "limits store refused the new Entra ID token", { error: errorMessage(error) }),
       );
       return;

@@ -10,7 +10,8 @@ import { promtool, scrape, valueOf } from "../test/prometheus.ts";
 import { TestSocket } from "../test/websocket.ts";
 import { ANSWER_USAGE, chatStream, RedisServer, UsageUpstream } from "../test/limits.ts";
 import * as usageFixtures from "../test/usage.ts";
-import { baseEnv, certs, readJson, realtime, useSuite } from "../test/suite.ts";
+import { baseEnv, certs, entra, readJson, realtime, useSuite, waitFor } from "../test/suite.ts";
+import { REDIS_RESOURCE, SERVICE_PRINCIPAL_OID } from "../test/fakes.ts";
 import { calendarKeys, type CallerLimits, DEFAULT_OUTPUT_RESERVATION, INLINE_MEDIA_RESERVATION, MemoryStore, parseLimits, quotaResetsAt, reservationFor } from "./limits.ts";
 import { stripChunk, takesStreamOptions, type UsageStrip } from "./stream-usage.ts";
 useSuite();
@@ -171,6 +172,9 @@ function limitedCallers(): string {
     limits: { tokens_per_minute: 100000, requests_per_minute: 1000 }
   - name: open
     keys: [open-key-0001]
+  - name: pooled
+    keys: [pooled-key-0001]
+    limits: { tokens_per_minute: 1000 }
 `,
   );
 }
@@ -297,6 +301,8 @@ for (const storeKind of ["memory", "redis"] as const) {
     });
 
     test("an older api-version is not sent the option (the stream keeps its reservation); a client that asked for usage gets it", async () => {
+      // The last test's settlements land first (Redis takes them in batches, 10 ms apart).
+      await Bun.sleep(50);
       const body = JSON.stringify({ messages: [], stream: true, max_tokens: 10 });
       const old = await chat("streams-key-0001", body, "/openai/deployments/gpt-4o/chat/completions?api-version=2024-06-01");
       const atAdmission = Number(old.headers.get("x-auth-proxy-remaining-tokens"));
@@ -341,6 +347,24 @@ for (const storeKind of ["memory", "redis"] as const) {
       expect(await settleAndRead()).toBe(level - (Math.ceil(held.length / 4) + 500));
     });
 
+    test("a request that fails over to a second backend is reserved and charged once", async () => {
+      // Two backends: the first answers 503 (its path holds /fail/), the second the usage.
+      const pool = await startProxy(baseEnv({ API_BASE_URL: `${usage.url}/fail,${usage.url}`, AUTH_PROXY_CALLERS: limitedCallers(), AUTH_PROXY_REDIS_URL: storeKind === "redis" ? redis.url : undefined }));
+      await pool.waitForHealth();
+      const send = () => fetch(`${pool.url}${CHAT}`, { method: "POST", headers: { "api-key": "pooled-key-0001" }, body: SMALL_CHAT });
+      const first = await send();
+      expect(first.status).toBe(200);
+      expect(Number(first.headers.get("x-auth-proxy-remaining-tokens"))).toBe(1000 - SMALL_RESERVATION);
+      await first.text();
+      const line = await pool.waitForLog((entry) => entry.caller === "pooled");
+      expect(line.attempts).toBe(2);
+      await Bun.sleep(80);
+      const second = await send();
+      await second.text();
+      expect(Number(second.headers.get("x-auth-proxy-remaining-tokens"))).toBe(1000 - USED - SMALL_RESERVATION);
+      await pool.stop();
+    });
+
     test("a Realtime session is admitted at its handshake and charged per response.done", async () => {
       const wsProxy = await startProxy(baseEnv({ API_BASE_URL: realtime.url, AUTH_PROXY_CALLERS: limitedCallers(), AUTH_PROXY_REDIS_URL: storeKind === "redis" ? redis.url : undefined }));
       await wsProxy.waitForHealth();
@@ -376,6 +400,54 @@ for (const storeKind of ["memory", "redis"] as const) {
     });
   });
 }
+
+describe("Limits: Azure Managed Redis with Entra ID", () => {
+  test("the proxy signs in as its identity's object ID with a token for redis.azure.com; each new token is a new sign-in before the old one expires, so a reconnect never uses a stale one", async () => {
+    const usage = new UsageUpstream().start();
+    const redis = await new RedisServer().start();
+    await redis.lockDown();
+    // As Azure Managed Redis does: the identity's user accepts a token while it is valid; here, only the newest.
+    const tokens: string[] = [];
+    entra.onTokenIssued = async (token, scope) => {
+      if (!scope.startsWith(REDIS_RESOURCE)) return;
+      tokens.push(token);
+      await redis.command("ACL", ["SETUSER", SERVICE_PRINCIPAL_OID, "on", "resetpass", `>${token}`, "~auth-proxy:*", "+@all"]);
+    };
+    entra.tokenLifetimeSeconds = 6;
+    try {
+      const proxy = await startProxy(baseEnv({ API_BASE_URL: usage.url, AUTH_PROXY_CALLERS: limitedCallers(), AUTH_PROXY_REDIS_URL: redis.url, AUTH_PROXY_REDIS_AUTH: "entra" }));
+      await proxy.waitForHealth();
+      await proxy.waitForLog((line) => line.msg === "limits store connected");
+      const chat = async () => {
+        const response = await fetch(`${proxy.url}${CHAT}`, { method: "POST", headers: { "api-key": "open-key-0001" }, body: SMALL_CHAT });
+        await response.text();
+        const limited = await fetch(`${proxy.url}${CHAT}`, { method: "POST", headers: { "api-key": "monthly-key-0001" }, body: SMALL_CHAT });
+        await limited.text();
+        return limited;
+      };
+      expect((await chat()).status).toBe(200);
+      expect(String(await redis.command("CLIENT", ["LIST"]))).toContain(`user=${SERVICE_PRINCIPAL_OID}`);
+      // Two refreshes later (6 s tokens, refreshed at half life), the first token no longer signs in; every connection of the identity is cut.
+      await waitFor(() => tokens.length >= 3, 15_000);
+      await Bun.sleep(500);
+      await redis.command("CLIENT", ["KILL", "USER", SERVICE_PRINCIPAL_OID]);
+      await Bun.sleep(1500);
+      const before = (await redis.totals("monthly")).month;
+      expect((await chat()).status).toBe(200);
+      await Bun.sleep(100);
+      expect((await redis.totals("monthly")).month).toBe(before + USED);
+      const line = await proxy.waitForLog((entry) => entry.caller === "monthly" && Date.parse(entry.time as string) > Date.now() - 3000);
+      expect(line.limits).toBe("redis");
+      await proxy.stop();
+      for (const token of tokens) expect(proxy.stdout + proxy.stderr).not.toContain(token.split(".")[2]!);
+    } finally {
+      entra.onTokenIssued = undefined;
+      entra.tokenLifetimeSeconds = 3600;
+      usage.stop();
+      await redis.kill();
+    }
+  }, 40_000);
+});
 
 describe("Limits: configuration", () => {
   test("faults in limits, the store's URL and its failure mode are refused at start with their place", async () => {

@@ -317,6 +317,11 @@ export class Limiter {
     this.local = store instanceof MemoryStore ? store : new MemoryStore();
   }
 
+  /** A new callers file: its limits replace the last one's (the counts, under each name, go on). */
+  forgetLimits(): void {
+    this.configured.clear();
+  }
+
   callerFor(name: string, limits: CallerLimits): LimitedCaller {
     this.configured.set(name, limits);
     return { name, limits, limiter: this };

@@ -44,6 +44,10 @@ export interface FederatedCredential {
 
 export const TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange";
 
+/** Azure Managed Redis's Entra ID resource, and the object ID of the proxy's service principal in its tokens. */
+export const REDIS_RESOURCE = "https://redis.azure.com";
+export const SERVICE_PRINCIPAL_OID = "9b1c0000-0000-4000-8000-0000000000ad";
+
 interface IssuedToken {
   expiresAtMs: number;
   clientId: string;
@@ -73,6 +77,8 @@ export class FakeEntraId {
   readonly issuerKeys = new Map<string, KeyObject>();
   tokenLifetimeSeconds = 3600;
   refreshInSeconds: number | undefined;
+  /** Told of each token before it is answered (a test's Redis learns the token it will accept). */
+  onTokenIssued: ((token: string, scope: string) => Promise<void> | void) | undefined;
   outage: Outage | undefined;
   /** The scope of every token request, in order. */
   readonly scopes: string[] = [];
@@ -130,7 +136,10 @@ export class FakeEntraId {
 
   /** Issues an access token for `clientId`: the token endpoint's, and what the managed identity endpoints hand out. */
   mint(clientId: string, lifetimeSeconds: number, scope = ""): string {
-    const token = `fake-at-${b64url(randomBytes(24))}`;
+    // Azure Managed Redis takes the token's `oid` as the user name: a JWT-shaped token for its scope.
+    const token = scope.startsWith(REDIS_RESOURCE)
+      ? `${b64url(Buffer.from('{"alg":"RS256","typ":"JWT"}'))}.${b64url(Buffer.from(JSON.stringify({ aud: REDIS_RESOURCE, oid: SERVICE_PRINCIPAL_OID, exp: Math.floor(Date.now() / 1000) + lifetimeSeconds })))}.${b64url(randomBytes(32))}`
+      : `fake-at-${b64url(randomBytes(24))}`;
     this.issued.set(token, { expiresAtMs: Date.now() + lifetimeSeconds * 1000, clientId, scope });
     return token;
   }
@@ -222,7 +231,7 @@ export class FakeEntraId {
     return this.issue(form);
   }
 
-  private issue(form: URLSearchParams): Response {
+  private async issue(form: URLSearchParams): Promise<Response> {
     if (form.get("grant_type") !== "client_credentials") {
       return this.aadError(400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type.");
     }
@@ -260,6 +269,7 @@ export class FakeEntraId {
 
     const lifetime = app.tokenLifetimeSeconds ?? this.tokenLifetimeSeconds;
     const token = this.mint(clientId, lifetime, scope);
+    await this.onTokenIssued?.(token, scope);
     return Response.json({
       token_type: "Bearer",
       expires_in: lifetime,

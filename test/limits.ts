@@ -33,6 +33,15 @@ export class RedisServer {
     return `redis://127.0.0.1:${this.port}`;
   }
 
+  /** No anonymous access any more: the helper signs in as an admin user of its own, as an operator would. */
+  async lockDown(): Promise<void> {
+    await this.command("ACL", ["SETUSER", "admin", "on", ">admin-password-for-tests", "~*", "&*", "+@all"]);
+    this.client!.close();
+    this.client = new RedisClient(`redis://admin:admin-password-for-tests@127.0.0.1:${this.port}`, { enableOfflineQueue: false, autoReconnect: false });
+    await this.client.connect();
+    await this.command("ACL", ["SETUSER", "default", "off"]);
+  }
+
   /** SIGKILL: what a crashed or evicted Redis pod does; nothing is saved. */
   async kill(): Promise<void> {
     this.client?.close();
