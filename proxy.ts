@@ -11,11 +11,10 @@
  * This file is the core, read as the journey: the token manager's refresh
  * loop around MSAL, the streaming fetch passthrough (forward), the server
  * (Bun.serve, listeners, signals, drain) and main (flags, help, --check,
- * --healthcheck). It wires the rooms of src/ around it, in journey order
- * (the README's code map lists them: log, config, certificate, identity,
- * metrics, usage, stream-usage, routes, caller-tokens, limits,
- * limits-redis, callers, reload, pools, http, websocket), each of which
- * imports only those before it and never this file.
+ * --healthcheck). It wires the rooms of src/ around it in journey order (the
+ * README's code map: log, config, certificate, identity, metrics, usage,
+ * stream-usage, routes, caller-tokens, limits, limits-redis, callers,
+ * reload, pools, http, websocket), each importing only those before it.
  */
 import arg from "arg";
 import { readFileSync } from "node:fs";
@@ -378,7 +377,8 @@ export async function forward(req: Request, method: string, target: string, auth
   let strip: UsageStrip | undefined;
   if (limited !== undefined) {
     const reservation = reservationFor(path, target, held, bytesIn, limited.limits);
-    const verdict = await limited.limiter.admit(limited, reservation.tokens);
+    const asked = limited.limiter.admit(limited, reservation.tokens);
+    const verdict = asked instanceof Promise ? await asked : asked;
     if (!("caller" in verdict)) {
       clearTimeout(lift);
       metrics.requestsInFlight -= 1;

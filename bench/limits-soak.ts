@@ -58,6 +58,7 @@ try {
     const killedAt = Date.now();
     await redis.kill();
     await Bun.sleep(10_000);
+    const restartingAt = Date.now();
     await redis.start();
     const restartedAt = Date.now();
     const { offered: load } = await running;
@@ -65,13 +66,15 @@ try {
     const lines = proxies.flatMap((proxy) => proxy.stdout.split("\n").filter((line) => line.includes('"caller":"batch"')).map((line) => JSON.parse(line) as { time: string; limits: string; status: number }));
     const firstRedis = Math.min(...[0, 1, 2].map((replica) => Math.min(...proxies[replica]!.stdout.split("\n").filter((line) => line.includes('"limits":"redis"')).map((line) => Date.parse((JSON.parse(line) as { time: string }).time)).filter((time) => time > restartedAt))));
     const lastLocal = Math.max(...lines.filter((line) => line.limits === "memory").map((line) => Date.parse(line.time)));
-    const during = load.filter((request) => request.startedAt > killedAt && request.startedAt < restartedAt);
-    const countedInRedis = lines.filter((line) => Date.parse(line.time) > restartedAt && line.limits === "redis" && line.status === 200).length;
+    const during = load.filter((request) => request.startedAt > killedAt + 100 && request.startedAt + request.tookMs < restartingAt);
+    const countedInRedis = lines.filter((line) => Date.parse(line.time) > restartingAt && line.limits === "redis" && line.status === 200).length;
     const totals = await redis.totals("batch");
     const statuses = [...new Set(during.map((request) => request.status))].join("/");
     rows.push(
       `| Redis SIGKILL at 20 s, back at 30 s, fail ${mode} | ${load.length} offered | while away: ${during.length} requests, status ${statuses} | longest wait ${Math.max(...load.map((request) => request.tookMs))} ms | Redis again ${((Math.max(firstRedis, lastLocal) - restartedAt) / 1000).toFixed(1)} s after its return (${lastLocal === -Infinity ? "no local count" : `last local count ${((lastLocal - restartedAt) / 1000).toFixed(1)} s after`}) | Redis day total ${totals.day} = ${countedInRedis} x ${USED}: ${totals.day === countedInRedis * USED ? "exact" : "WRONG"} |`,
     );
+    const mixedUp = proxies.filter((proxy) => proxy.stdout.includes("answered another command's call")).length;
+    if (mixedUp > 0) rows.push(`| fail ${mode}: ${mixedUp} replicas saw a reply that was not their call's |`);
     await Promise.all(proxies.map((proxy) => proxy.stop()));
     await redis.kill();
   }

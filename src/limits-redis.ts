@@ -28,7 +28,9 @@ const GENERATION_TTL_SECONDS = 40 * 86_400;
 /**
  * KEYS: minute hash, day, month, generation. ARGV: "tokens,tokens/min,
  * requests/min,tokens/day,tokens/month" (0: none) and a generation to set
- * when there is none. The same rules as MemoryStore.admit, on Redis's
+ * when there is none, unique to the call and echoed last in the reply (a
+ * reply that is not this call's is refused: oven-sh/bun#27861 matched
+ * replies to the wrong command after a reconnect). The same rules as MemoryStore.admit, on Redis's
  * clock (one clock for every replica). The minute hash holds a slot per
  * second (`t<second>`, `r<second>`) and their running sums (`T`, `R`); `c`
  * is the last second whose slots are taken out of the sums. An admission
@@ -58,9 +60,9 @@ if tpmo > 0 then
   month = redis.call('INCRBY', KEYS[3], need)
   if month == need then redis.call('EXPIRE', KEYS[3], ${MONTH_TTL_SECONDS}) end
 end
-if tpd > 0 and day > tpd then undo(); return {'tokens_per_day', day - need, -1} end
-if tpmo > 0 and month > tpmo then undo(); return {'tokens_per_month', month - need, -1} end
-if tpm == 0 and rpm == 0 then return {'', gen, now, 0, 0, tpd - day, tpmo - month} end
+if tpd > 0 and day > tpd then undo(); return {'tokens_per_day', day - need, -1, ARGV[2]} end
+if tpmo > 0 and month > tpmo then undo(); return {'tokens_per_month', month - need, -1, ARGV[2]} end
+if tpm == 0 and rpm == 0 then return {'', gen, now, 0, 0, tpd - day, tpmo - month, ARGV[2]} end
 local m = redis.call('HMGET', KEYS[1], 'T', 'R', 'c')
 local cleaned = tonumber(m[3])
 local tokens, requests = 0, 0
@@ -95,8 +97,8 @@ local function wait(kind, used, more, limit)
   return -1
 end
 local refused
-if rpm > 0 and requests + 1 > rpm then refused = {'requests_per_minute', requests, wait('r', requests, 1, rpm)}
-elseif tpm > 0 and tokens + need > tpm then refused = {'tokens_per_minute', tokens, wait('t', tokens, need, tpm)} end
+if rpm > 0 and requests + 1 > rpm then refused = {'requests_per_minute', requests, wait('r', requests, 1, rpm), ARGV[2]}
+elseif tpm > 0 and tokens + need > tpm then refused = {'tokens_per_minute', tokens, wait('t', tokens, need, tpm), ARGV[2]} end
 if refused then
   undo()
   if moved then redis.call('HSET', KEYS[1], 'T', tokens, 'R', requests, 'c', now - 61) end
@@ -111,7 +113,7 @@ if moved then
 else
   redis.call('HSET', KEYS[1], 'T', tokens + need, 'R', requests + 1)
 end
-return {'', gen, now, tpm - tokens - need, rpm - requests - 1, tpd - day, tpmo - month}
+return {'', gen, now, tpm - tokens - need, rpm - requests - 1, tpd - day, tpmo - month, ARGV[2]}
 `;
 
 /**
@@ -211,6 +213,7 @@ export class RedisStore implements Store {
   limiter: Limiter | undefined;
   /** This process's part of a generation it proposes; the time makes each proposal new. */
   private readonly candidate = crypto.randomUUID();
+  private calls = 0;
   private readonly keys = new Map<string, { day: number; keys: string[] }>();
   private readonly settlements = new Map<string, { keys: string[]; generation: string; counted: string; entries: string }>();
   private flushTimer: Timer | undefined;
@@ -252,7 +255,8 @@ export class RedisStore implements Store {
 
   admit(caller: string, limits: CallerLimits, tokens: number, nowMs: number): Promise<Verdict> {
     const args = `${tokens},${limits.tokens_per_minute},${limits.requests_per_minute},${limits.tokens_per_day},${limits.tokens_per_month}`;
-    return this.run(ADMIT, this.keysOf(caller, nowMs), [args, `${this.candidate}:${nowMs}`]).then((reply) => verdictOf(reply as (string | number)[]));
+    const nonce = `${this.candidate}:${(this.calls += 1)}`;
+    return this.run(ADMIT, this.keysOf(caller, nowMs), [args, nonce]).then((reply) => verdictOf(reply, nonce));
   }
 
   adjust(caller: string, limits: CallerLimits, tokens: number, second: number, generation: string, nowMs: number): void {
@@ -344,7 +348,12 @@ function keysOf(caller: string, day: string, month: string): string[] {
   return [`${tag}:minute`, `${tag}:day:${day}`, `${tag}:month:${month}`, `${tag}:generation`];
 }
 
-function verdictOf(reply: (string | number)[]): Verdict {
+function verdictOf(answer: unknown, nonce: string): Verdict {
+  const reply = answer as (string | number)[];
+  if (!Array.isArray(answer) || reply.at(-1) !== nonce) {
+    log("error", "limits store answered another command's call: not used", { got: Array.isArray(answer) ? String(reply.at(-1)).slice(0, 60) : typeof answer });
+    throw new Error("the store's reply was not this call's");
+  }
   const refusedBy = String(reply[0]);
   if (refusedBy !== "") return { admitted: false, limit: refusedBy as LimitName, used: Number(reply[1]), retryAfterMs: Number(reply[2]) };
   const [, generation, second, tokensPerMinute, requestsPerMinute, tokensPerDay, tokensPerMonth] = reply;

@@ -64,16 +64,18 @@ describe("Limits across replicas", () => {
       const killedAt = Date.now();
       await redis.kill();
       await Bun.sleep(3000);
+      // Down for sure until it is spawned again; serving from it may start before start() has seen it answer.
+      const restartingAt = Date.now();
       await redis.start();
       const restartedAt = Date.now();
       const offered = await load;
       await Bun.sleep(300);
       expect(Math.max(...offered.map((request) => request.tookMs))).toBeLessThan(1000);
-      const during = offered.filter((request) => request.startedAt > killedAt + 100 && request.startedAt < restartedAt - 100);
+      const during = offered.filter((request) => request.startedAt > killedAt + 100 && request.startedAt + request.tookMs < restartingAt);
       expect(during.length).toBeGreaterThan(100);
       if (mode === "open") expect(offered.every((request) => request.status === 200)).toBe(true);
       else {
-        expect(during.every((request) => request.status === 503 && request.code === "limits_unavailable")).toBe(true);
+        expect(during.filter((request) => request.status !== 503 || request.code !== "limits_unavailable").map((request) => `${request.status} ${request.code} +${request.startedAt - killedAt} ms`)).toEqual([]);
         expect(offered.filter((request) => request.startedAt < killedAt - 100).every((request) => request.status === 200)).toBe(true);
       }
       // Within 5 s of its return every replica counts in Redis again.
@@ -82,9 +84,11 @@ describe("Limits across replicas", () => {
       expect(after.length).toBeGreaterThan(100);
       expect(after.every((line) => line.limits === "redis")).toBe(true);
       // The totals in the restarted Redis are the usage of the requests it admitted: nothing from before it died, nothing counted twice.
-      const countedInRedis = lines.filter((line) => Date.parse(line.time) > restartedAt && line.limits === "redis" && line.status === 200).length;
+      const countedInRedis = lines.filter((line) => Date.parse(line.time) > restartingAt && line.limits === "redis" && line.status === 200).length;
       expect(await redis.totals("batch")).toEqual({ day: countedInRedis * USED, month: 0 });
       for (const proxy of proxies) expect(proxy.stdout).toContain('"msg":"limits store unreachable"');
+      // Every admission's reply was its own (the script echoes each call's nonce; oven-sh/bun#27861 mixed them up after reconnects).
+      for (const proxy of proxies) expect(proxy.stdout).not.toContain("answered another command's call");
       await Promise.all(proxies.map((proxy) => proxy.stop()));
       await redis.kill();
     }, 60_000);

@@ -175,6 +175,9 @@ function limitedCallers(): string {
   - name: pooled
     keys: [pooled-key-0001]
     limits: { tokens_per_minute: 1000 }
+  - name: realtime
+    keys: [realtime-key-0001]
+    limits: { tokens_per_day: 500 }
 `,
   );
 }
@@ -349,7 +352,8 @@ for (const storeKind of ["memory", "redis"] as const) {
 
     test("a request that fails over to a second backend is reserved and charged once", async () => {
       // Two backends: the first answers 503 (its path holds /fail/), the second the usage.
-      const pool = await startProxy(baseEnv({ API_BASE_URL: `${usage.url}/fail,${usage.url}`, AUTH_PROXY_CALLERS: limitedCallers(), AUTH_PROXY_REDIS_URL: storeKind === "redis" ? redis.url : undefined }));
+      const routes = certs.write(`pool-routes-${storeKind}.yaml`, `routes:\n  - prefix: /\n    backends:\n      - { name: first, url: "${usage.url}/fail", priority: 1 }\n      - { name: second, url: "${usage.url}", priority: 2 }\n`);
+      const pool = await startProxy(baseEnv({ API_BASE_URL: undefined, AUTH_PROXY_ROUTES: routes, AUTH_PROXY_CALLERS: limitedCallers(), AUTH_PROXY_REDIS_URL: storeKind === "redis" ? redis.url : undefined }));
       await pool.waitForHealth();
       const send = () => fetch(`${pool.url}${CHAT}`, { method: "POST", headers: { "api-key": "pooled-key-0001" }, body: SMALL_CHAT });
       const first = await send();
@@ -357,7 +361,7 @@ for (const storeKind of ["memory", "redis"] as const) {
       expect(Number(first.headers.get("x-auth-proxy-remaining-tokens"))).toBe(1000 - SMALL_RESERVATION);
       await first.text();
       const line = await pool.waitForLog((entry) => entry.caller === "pooled");
-      expect(line.attempts).toBe(2);
+      expect(line).toMatchObject({ attempts: 2, tried: "first,second", backend: "second" });
       await Bun.sleep(80);
       const second = await send();
       await second.text();
@@ -365,26 +369,26 @@ for (const storeKind of ["memory", "redis"] as const) {
       await pool.stop();
     });
 
-    test("a Realtime session is admitted at its handshake and charged per response.done", async () => {
+    test("a Realtime session is admitted at its handshake and charged per response.done; one past its quota is not cut, the next handshake is refused", async () => {
       const wsProxy = await startProxy(baseEnv({ API_BASE_URL: realtime.url, AUTH_PROXY_CALLERS: limitedCallers(), AUTH_PROXY_REDIS_URL: storeKind === "redis" ? redis.url : undefined }));
       await wsProxy.waitForHealth();
-      const open = () => new TestSocket(`ws://127.0.0.1:${wsProxy.port}/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime`, { headers: { "api-key": "daily-key-0001" } });
-      if (storeKind === "redis") {
-        // The daily caller's quota is spent in Redis by the test above: the handshake is refused, nothing relayed.
-        const refused = await fetch(`${wsProxy.url}/openai/realtime?deployment=x`, { headers: { "api-key": "daily-key-0001", upgrade: "websocket", connection: "Upgrade", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-version": "13" } });
-        expect(refused.status).toBe(403);
-        expect((await readJson(refused)).error.code).toBe("caller_quota_exceeded");
-      } else {
-        const client = open();
-        await client.waitForFrames(1);
-        client.send(usageFixtures.realtimeResponseDone(400, 300, 0));
-        await client.waitForFrames(2);
-        client.socket.close(1000);
-        await Bun.sleep(100);
-        // 700 charged on a fresh replica: the next handshake finds the day spent.
-        const refused = await fetch(`${wsProxy.url}/openai/realtime?deployment=x`, { headers: { "api-key": "daily-key-0001", upgrade: "websocket", connection: "Upgrade", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-version": "13" } });
-        expect(refused.status).toBe(403);
-      }
+      const client = new TestSocket(`ws://127.0.0.1:${wsProxy.port}/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime`, { headers: { "api-key": "realtime-key-0001" } });
+      await client.waitForFrames(1);
+      client.send(usageFixtures.realtimeResponseDone(400, 300, 0));
+      await client.waitForFrames(2);
+      // 701 of 500 spent (the handshake's token and 700): the session goes on.
+      client.send('{"type":"response.create"}');
+      await client.waitForFrames(3);
+      client.socket.close(1000);
+      await Bun.sleep(100);
+      if (storeKind === "redis") expect((await redis.totals("realtime")).day).toBe(701);
+      const handshake = { "api-key": "realtime-key-0001", upgrade: "websocket", connection: "Upgrade", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-version": "13" };
+      const sessions = realtime.sessions.length;
+      const refused = await fetch(`${wsProxy.url}/openai/realtime?deployment=x`, { headers: handshake });
+      expect(refused.status).toBe(403);
+      expect((await readJson(refused)).error.code).toBe("caller_quota_exceeded");
+      // Nothing reached the upstream.
+      expect(realtime.sessions.length).toBe(sessions);
       await wsProxy.stop();
     });
 

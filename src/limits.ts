@@ -58,6 +58,8 @@ export function hasTokenLimits(limits: CallerLimits): boolean {
 
 // ---------------------------------------------------------------- what a request reserves
 
+const utf8 = new TextDecoder();
+
 /** A request's reservation and the body to send (the client's, or with include_usage written in). */
 export interface Reservation {
   tokens: number;
@@ -81,7 +83,7 @@ export function reservationFor(path: string, target: string, body: Uint8Array | 
   let text = "";
   if (body.byteLength > 0 && (body[0] === 0x7b || body[0] === 0x20 || body[0] === 0x0a)) {
     try {
-      text = new TextDecoder().decode(body);
+      text = utf8.decode(body);
       const parsed = JSON.parse(text);
       if (typeof parsed === "object" && parsed !== null && !Array.isArray(parsed)) document = parsed;
     } catch {
@@ -327,25 +329,38 @@ export class Limiter {
     return { name, limits, limiter: this };
   }
 
-  /** One round trip at most: the store's verdict within its deadline, else the local one (open) or a 503 (closed). */
-  async admit(caller: LimitedCaller, tokens: number): Promise<Admission | LimitRefusal> {
+  /**
+   * One round trip at most: the store's verdict within its deadline, else
+   * the local one (open) or a 503 (closed). In memory it is no promise at
+   * all: the request goes on in the same turn.
+   */
+  admit(caller: LimitedCaller, tokens: number): Admission | LimitRefusal | Promise<Admission | LimitRefusal> {
     const nowMs = Date.now();
-    let store: Store = this.store;
-    let verdict: Verdict | undefined;
-    if (store !== this.local && nowMs >= this.awayUntil) {
-      const askedAt = performance.now();
-      try {
-        verdict = await withDeadline(store.admit(caller.name, caller.limits, tokens, nowMs));
-        this.observeLatency((performance.now() - askedAt) / SECOND);
-      } catch (error) {
-        this.storeFailed(error);
-      }
+    if (this.store === this.local) return this.decided(caller, tokens, nowMs, undefined, this.local);
+    if (nowMs < this.awayUntil) return this.storeAway(caller, tokens, nowMs);
+    return this.asked(caller, tokens, nowMs);
+  }
+
+  private async asked(caller: LimitedCaller, tokens: number, nowMs: number): Promise<Admission | LimitRefusal> {
+    const askedAt = performance.now();
+    try {
+      const verdict = await withDeadline(this.store.admit(caller.name, caller.limits, tokens, nowMs));
+      this.observeLatency((performance.now() - askedAt) / SECOND);
+      return this.decided(caller, tokens, nowMs, verdict, this.store);
+    } catch (error) {
+      this.storeFailed(error);
     }
-    if (verdict === undefined && store !== this.local) {
-      if (this.onFailure === "closed") return { status: 503, code: "limits_unavailable", message: `auth-proxy cannot reach its limits store (${store.kind}) and AUTH_PROXY_LIMITS_ON_STORE_FAILURE is closed`, headers: { "retry-after": "1" } };
-      store = this.local;
-    }
-    verdict ??= this.local.admit(caller.name, caller.limits, tokens, nowMs);
+    return this.storeAway(caller, tokens, nowMs);
+  }
+
+  /** The store is away: local counts (open), or 503 (closed). */
+  private storeAway(caller: LimitedCaller, tokens: number, nowMs: number): Admission | LimitRefusal {
+    if (this.onFailure === "closed") return { status: 503, code: "limits_unavailable", message: `auth-proxy cannot reach its limits store (${this.store.kind}) and AUTH_PROXY_LIMITS_ON_STORE_FAILURE is closed`, headers: { "retry-after": "1" } };
+    return this.decided(caller, tokens, nowMs, undefined, this.local);
+  }
+
+  private decided(caller: LimitedCaller, tokens: number, nowMs: number, given: Verdict | undefined, store: Store): Admission | LimitRefusal {
+    const verdict = given ?? this.local.admit(caller.name, caller.limits, tokens, nowMs);
     if (!verdict.admitted) return this.refused(caller, verdict, tokens, nowMs);
     this.remaining.set(caller.name, verdict.remaining);
     return { caller, store, tokens, second: verdict.second, generation: verdict.generation, remaining: verdict.remaining, settled: false };

@@ -152,7 +152,8 @@ export async function relayWebSocket(
   if (fault !== undefined) return badHandshake(fault, counted);
   if (limited !== undefined) {
     // Admitted like a request (one request, a token so that a spent quota refuses it); its responses are charged as they end.
-    const admission = await limited.limiter.admit(limited, 1);
+    const asked = limited.limiter.admit(limited, 1);
+    const admission = asked instanceof Promise ? await asked : asked;
     if (!("caller" in admission)) {
       counted(admission.status);
       return proxyError(admission.status, admission.code, admission.message, admission.headers);
