@@ -14,7 +14,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { benchEntra } from "./entra.ts";
 import { type ProxyProcess, ROOT, startProxy } from "../test/harness.ts";
-import { ANSWER_USAGE, mostInAnyMinute, type Offered, offerLoad, RedisServer, UsageUpstream } from "../test/limits.ts";
+import { ANSWER_USAGE, mostInAnyMinute, type Offered, offerLoad, outageUnderLoad, RedisServer, UsageUpstream } from "../test/limits.ts";
 
 const binary = process.argv[2] ?? join(ROOT, "dist/auth-proxy");
 const USED = ANSWER_USAGE.prompt + ANSWER_USAGE.completion;
@@ -53,21 +53,10 @@ try {
   for (const mode of ["open", "closed"] as const) {
     const redis = await new RedisServer().start();
     const proxies = await replicas({ AUTH_PROXY_REDIS_URL: redis.url, AUTH_PROXY_LIMITS_ON_STORE_FAILURE: mode });
-    const running = offered(proxies, 60);
-    await Bun.sleep(20_000);
-    const killedAt = Date.now();
-    await redis.kill();
-    await Bun.sleep(10_000);
-    const restartingAt = Date.now();
-    await redis.start();
-    const restartedAt = Date.now();
-    const { offered: load } = await running;
-    await Bun.sleep(500);
-    const lines = proxies.flatMap((proxy) => proxy.stdout.split("\n").filter((line) => line.includes('"caller":"batch"')).map((line) => JSON.parse(line) as { time: string; limits: string; status: number }));
+    // 3 x the limit a minute for 60 s (one request every 1.8 s a client); Redis down from 20 s to 30 s.
+    const { offered: load, during, lines, countedInRedis, restartedAt } = await outageUnderLoad(proxies, redis, 1800, 60, 20_000, 10_000);
     const firstRedis = Math.min(...[0, 1, 2].map((replica) => Math.min(...proxies[replica]!.stdout.split("\n").filter((line) => line.includes('"limits":"redis"')).map((line) => Date.parse((JSON.parse(line) as { time: string }).time)).filter((time) => time > restartedAt))));
     const lastLocal = Math.max(...lines.filter((line) => line.limits === "memory").map((line) => Date.parse(line.time)));
-    const during = load.filter((request) => request.startedAt > killedAt + 100 && request.startedAt + request.tookMs < restartingAt);
-    const countedInRedis = lines.filter((line) => Date.parse(line.time) > restartingAt && line.limits === "redis" && line.status === 200).length;
     const totals = await redis.totals("batch");
     const statuses = [...new Set(during.map((request) => request.status))].join("/");
     rows.push(

@@ -7,7 +7,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { type ProxyProcess, startProxy } from "../test/harness.ts";
-import { ANSWER_USAGE, mostInAnyMinute, offerLoad, RedisServer, UsageUpstream } from "../test/limits.ts";
+import { ANSWER_USAGE, mostInAnyMinute, offerLoad, outageUnderLoad, RedisServer, UsageUpstream } from "../test/limits.ts";
 import { baseEnv, certs, useSuite } from "../test/suite.ts";
 useSuite();
 
@@ -59,19 +59,8 @@ describe("Limits across replicas", () => {
     test(`Redis killed and restarted under load, fail ${mode}: ${mode === "open" ? "serving goes on from local counts" : "limited callers get 503 limits_unavailable"}, no request waits 1 s on the store, the shared counts resume within 5 s and are exact after`, async () => {
       const redis = await new RedisServer().start();
       const proxies = await replicas(3, { API_BASE_URL: usage.url, AUTH_PROXY_CALLERS: callersFile(100_000_000), AUTH_PROXY_REDIS_URL: redis.url, AUTH_PROXY_LIMITS_ON_STORE_FAILURE: mode });
-      const load = offerLoad(proxies.map((proxy) => proxy.url), "batch-key-0001", 30, 100, 12_000);
-      await Bun.sleep(3000);
-      const killedAt = Date.now();
-      await redis.kill();
-      await Bun.sleep(3000);
-      // Down for sure until it is spawned again; serving from it may start before start() has seen it answer.
-      const restartingAt = Date.now();
-      await redis.start();
-      const restartedAt = Date.now();
-      const offered = await load;
-      await Bun.sleep(300);
+      const { offered, during, lines, countedInRedis, killedAt, restartedAt } = await outageUnderLoad(proxies, redis, 100, 12, 3000, 3000);
       expect(Math.max(...offered.map((request) => request.tookMs))).toBeLessThan(1000);
-      const during = offered.filter((request) => request.startedAt > killedAt + 100 && request.startedAt + request.tookMs < restartingAt);
       expect(during.length).toBeGreaterThan(100);
       if (mode === "open") expect(offered.every((request) => request.status === 200)).toBe(true);
       else {
@@ -79,12 +68,10 @@ describe("Limits across replicas", () => {
         expect(offered.filter((request) => request.startedAt < killedAt - 100).every((request) => request.status === 200)).toBe(true);
       }
       // Within 5 s of its return every replica counts in Redis again.
-      const lines = proxies.flatMap((proxy) => proxy.stdout.split("\n").filter((line) => line.includes('"caller":"batch"')).map((line) => JSON.parse(line) as { time: string; limits: string; status: number }));
       const after = lines.filter((line) => Date.parse(line.time) > restartedAt + 5000);
       expect(after.length).toBeGreaterThan(100);
       expect(after.every((line) => line.limits === "redis")).toBe(true);
       // The totals in the restarted Redis are the usage of the requests it admitted: nothing from before it died, nothing counted twice.
-      const countedInRedis = lines.filter((line) => Date.parse(line.time) > restartingAt && line.limits === "redis" && line.status === 200).length;
       expect(await redis.totals("batch")).toEqual({ day: countedInRedis * USED, month: 0 });
       for (const proxy of proxies) expect(proxy.stdout).toContain('"msg":"limits store unreachable"');
       // Every admission's reply was its own (the script echoes each call's nonce; oven-sh/bun#27861 mixed them up after reconnects).

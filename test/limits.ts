@@ -206,3 +206,50 @@ export function mostInAnyMinute(arrivals: number[], tokensEach: number): number 
   }
   return most;
 }
+
+/** A caller's access lines, as the tests and the soak read them. */
+export interface CallerLine {
+  time: string;
+  limits: string;
+  status: number;
+}
+
+/** What a Redis outage under load came to: the requests made while Redis was surely down, the caller's access lines, and how many Redis counted after its return. */
+export interface Outage {
+  offered: Offered[];
+  during: Offered[];
+  lines: CallerLine[];
+  countedInRedis: number;
+  killedAt: number;
+  restartedAt: number;
+}
+
+/**
+ * `batch`'s clients on `proxies` for `seconds`; Redis SIGKILLed after
+ * `killAfterMs` and started again `downMs` later. A request counts as made
+ * while Redis was away when it started 100 ms after the kill and ended
+ * before Redis was spawned again (serving from it may start before
+ * start() has seen it answer).
+ */
+export async function outageUnderLoad(proxies: { url: string; stdout: string }[], redis: RedisServer, everyMs: number, seconds: number, killAfterMs: number, downMs: number): Promise<Outage> {
+  const load = offerLoad(proxies.map((proxy) => proxy.url), "batch-key-0001", 30, everyMs, seconds * 1000);
+  await Bun.sleep(killAfterMs);
+  const killedAt = Date.now();
+  await redis.kill();
+  await Bun.sleep(downMs);
+  const restartingAt = Date.now();
+  await redis.start();
+  const restartedAt = Date.now();
+  const offered = await load;
+  await Bun.sleep(300);
+  const lines = proxies.flatMap((proxy) => proxy.stdout.split("\n").filter((line) => line.includes('"caller":"batch"')).map((line) => JSON.parse(line) as CallerLine));
+  return {
+    offered,
+    during: offered.filter((request) => request.startedAt > killedAt + 100 && request.startedAt + request.tookMs < restartingAt),
+    lines,
+    // Nothing from before Redis died: its settlements are dropped by generation.
+    countedInRedis: lines.filter((line) => Date.parse(line.time) > restartingAt && line.limits === "redis" && line.status === 200).length,
+    killedAt,
+    restartedAt,
+  };
+}
