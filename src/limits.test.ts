@@ -453,6 +453,32 @@ describe("Limits: Azure Managed Redis with Entra ID", () => {
   }, 40_000);
 });
 
+describe("Limits: a Redis with a password", () => {
+  test("the password in the URL or in AUTH_PROXY_REDIS_PASSWORD_FILE signs in; neither appears in any output", async () => {
+    const usage = new UsageUpstream().start();
+    const redis = await new RedisServer().start();
+    const password = "redis-password-9f3e-for-tests";
+    await redis.command("CONFIG", ["SET", "requirepass", password]);
+    const file = certs.write("redis-password", `${password}\n`);
+    try {
+      for (const env of [{ AUTH_PROXY_REDIS_URL: `redis://:${password}@127.0.0.1:${redis.port}` }, { AUTH_PROXY_REDIS_URL: redis.url, AUTH_PROXY_REDIS_PASSWORD_FILE: file }]) {
+        const proxy = await startProxy(baseEnv({ API_BASE_URL: usage.url, AUTH_PROXY_CALLERS: limitedCallers(), ...env }));
+        await proxy.waitForHealth();
+        await proxy.waitForLog((line) => line.msg === "limits store connected" && line.auth === "password");
+        const response = await fetch(`${proxy.url}${CHAT}`, { method: "POST", headers: { "api-key": "pooled-key-0001" }, body: SMALL_CHAT });
+        expect(response.status).toBe(200);
+        await response.text();
+        expect((await proxy.waitForLog((line) => line.caller === "pooled")).limits).toBe("redis");
+        await proxy.stop();
+        expect(proxy.stdout + proxy.stderr).not.toContain(password);
+      }
+    } finally {
+      usage.stop();
+      await redis.kill();
+    }
+  });
+});
+
 describe("Limits: configuration", () => {
   test("faults in limits, the store's URL and its failure mode are refused at start with their place", async () => {
     const bad = certs.write("bad-limits.yaml", "callers:\n  - name: a\n    keys: [k-1]\n    limits: { tokens_per_minute: 0, requests_per_hour: 5 }\n");
