@@ -27,8 +27,8 @@ import { type Caller, type CallerEntry, callerEntriesOf, CALLER_KEYS_FILE_POLL_M
 import { type Attempts, attemptsOutcome, backendPath, checkConnect, chooseBackend, connectTimedOut, failoverReason, type HeldBody, heldBodyBytes, holdBody, idempotent, movesOnAfterFailure, noteBackendAnswer, REACHED_RECENTLY_MS, releaseHeldBody, SMALL_BODY_BYTES, STALLED, swapHeldBody } from "./src/pools.ts";
 import { countTokens, scannedUsage, scanUsageChunk, TOKENS_COUNTED, type Usage, usageEvents, usageInBody, type UsageScan, usageScanFor, usageScanned } from "./src/usage.ts";
 import { strippedUsageStream, type UsageStrip } from "./src/stream-usage.ts";
-import { type Admission, type LimitedCaller, Limiter, putBudgetHeaders, reservationFor } from "./src/limits.ts";
-import { REDIS_ENTRA_SCOPE, redactedUrl, RedisStore, type StoreSettings, storeFor, storeSettings } from "./src/limits-redis.ts";
+import { type Admission, type LimitedCaller, type Limiter, putBudgetHeaders, reservationFor } from "./src/limits.ts";
+import { checkStore, MEMORY_STORE, REDIS_ENTRA_SCOPE, redactedUrl, startLimiter, type StoreSettings, storeSettings } from "./src/limits-redis.ts";
 import { CONFIG_POLL_MS, newReloadCounts, readWatched, reloadedCallers, reloadedRoutes, type ReloadCounts, reloadFiles, type WatchedFile } from "./src/reload.ts";
 import { answered, idleTimerLifted, LIFT_IDLE_TIMER_AFTER_MS, liftIdleTimer, proxyError, putRouteFields, removeHopByHopHeaders, requestTarget, rewriteRequestHeaders, stalledUpload, unanswered } from "./src/http.ts";
 import { clientClosed, clientDrained, clientOpened, closeBoth, MAX_WEBSOCKET_FRAME_BYTES, type ProxyServer, type Relay, type RelaySession, relayToUpstream, relayWebSocket, WEBSOCKET_PING_SECONDS } from "./src/websocket.ts";
@@ -757,7 +757,7 @@ interface ProxyState {
 export function startProxy(config: Config, identity: Identity, callerEntries?: CallerEntry[], store?: StoreSettings): RunningProxy {
   const metrics = newMetrics();
   const routes = buildRoutes(config, (scope, labelled) => new TokenManager(identity, scope, labelled), metrics, process.env);
-  const limiter = config.callersFile === undefined ? undefined : startLimiter(identity, store ?? { redisUrl: undefined, passwordFile: undefined, entra: false, onFailure: "open" });
+  const limiter = config.callersFile === undefined ? undefined : startLimiter(store ?? MEMORY_STORE, () => new TokenManager(identity, REDIS_ENTRA_SCOPE, true));
   const callers = callersFor(config, metrics, callerEntries, limiter);
   for (const route of routes) route.tokens.routePrefixes.push(route.prefix);
   const watched: WatchedFile[] = [];
@@ -784,19 +784,6 @@ export function startProxy(config: Config, identity: Identity, callerEntries?: C
     clearInterval(configPoll);
   };
   return { server, admin, reload: (trigger) => reloadChanged(state, trigger, true), shutdown: shutdownOnce(state, server, admin, stopTimers) };
-}
-
-/** The limits' store: memory, or Redis signed in with a password or (Azure Managed Redis) a token of the proxy's own identity. */
-function startLimiter(identity: Identity, settings: StoreSettings): Limiter {
-  const redisTokens = settings.entra ? new TokenManager(identity, REDIS_ENTRA_SCOPE, true) : undefined;
-  redisTokens?.start();
-  const store = storeFor(settings, () => redisTokens?.current?.authorization.slice(7));
-  const limiter = new Limiter(store, settings.onFailure);
-  if (store instanceof RedisStore) {
-    store.limiter = limiter;
-    void store.start();
-  }
-  return limiter;
 }
 
 /** The routes and callers files read again (src/reload.ts); a good one replaces its table. */
@@ -1198,12 +1185,14 @@ function routesSummary(config: Config): Record<string, unknown> {
 }
 
 /** One token for every distinct scope, in the order of their first route: all must come, as /health requires. */
-export async function check(config: Config, identity: Identity): Promise<never> {
+export async function check(config: Config, identity: Identity, store: StoreSettings = MEMORY_STORE): Promise<never> {
   const scopes = [...new Set(config.routes.map((route) => route.scope))];
   let scope = scopes[0]!;
   // On stderr, beside the report or the failure: a wrong scope still gets a token, and fails only at the API.
   const warnings = configurationWarnings(config);
   for (const warning of warnings) process.stderr.write(`auth-proxy: warning: ${warning}\n`);
+  const limitsStore = await checkStore(store, identity);
+  if (typeof limitsStore === "string") fail([`--check failed: ${limitsStore}`]);
   try {
     const expiries: Record<string, string> = {};
     for (scope of scopes) expiries[scope] = new Date(checkTokenLifetime(await identity.requestToken(scope), Date.now()).expiresOnMs).toISOString();
@@ -1215,6 +1204,7 @@ export async function check(config: Config, identity: Identity): Promise<never> 
       ...(config.routesFile === undefined ? {} : { scopes: expiries, ...routesSummary(config) }),
       token_endpoint: config.authMode === "managed-identity" ? undefined : tokenEndpoint(config),
       warnings: warnings.length > 0 ? warnings : undefined,
+      limits_store: limitsStore,
     };
     process.stdout.write(JSON.stringify(report, null, 2) + "\n");
     process.exit(0);
@@ -1264,7 +1254,7 @@ export async function main(argv: string[]): Promise<void> {
   } catch (error) {
     fail([errorMessage(error)]);
   }
-  if (flags["--check"]) return check(config, identity);
+  if (flags["--check"]) return check(config, identity, store.settings);
   openLogOutput();
 
   let proxy: RunningProxy;

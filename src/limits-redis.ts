@@ -12,7 +12,7 @@ import { RedisClient } from "bun";
 import { readFileSync } from "node:fs";
 import { errorMessage, log, SECOND } from "./log.ts";
 import { type Environment } from "./config.ts";
-import { calendarKeys, type CallerLimits, type LimitName, type Limiter, MemoryStore, type Store, type StoreFailureMode, type Verdict } from "./limits.ts";
+import { calendarKeys, type CallerLimits, type LimitName, Limiter, MemoryStore, type Store, type StoreFailureMode, type Verdict } from "./limits.ts";
 
 /** The scope Azure Managed Redis takes Entra ID tokens for. */
 export const REDIS_ENTRA_SCOPE = "https://redis.azure.com/.default";
@@ -253,6 +253,12 @@ export class RedisStore implements Store {
     this.client.close();
   }
 
+  /** Connects and asks PING: --check's question. */
+  async ping(): Promise<unknown> {
+    await this.client.connect();
+    return this.client.send("PING", []);
+  }
+
   admit(caller: string, limits: CallerLimits, tokens: number, nowMs: number): Promise<Verdict> {
     const args = `${tokens},${limits.tokens_per_minute},${limits.requests_per_minute},${limits.tokens_per_day},${limits.tokens_per_month}`;
     const nonce = `${this.candidate}:${(this.calls += 1)}`;
@@ -375,7 +381,44 @@ export function objectIdOf(token: string): string {
   }
 }
 
-/** The store for these settings: Redis when a URL is set, else this process's memory. */
-export function storeFor(settings: StoreSettings, token: RedisToken | undefined): Store {
-  return settings.redisUrl === undefined ? new MemoryStore() : new RedisStore(settings, settings.entra ? token : undefined);
+/** No Redis: every replica's counts in its own memory. */
+export const MEMORY_STORE: StoreSettings = { redisUrl: undefined, passwordFile: undefined, entra: false, onFailure: "open" };
+
+/**
+ * The limiter and its store: memory, or Redis signed in with a password or
+ * (Azure Managed Redis) with a token of the proxy's own identity, kept
+ * fresh by a token manager the core makes for REDIS_ENTRA_SCOPE.
+ */
+export function startLimiter(settings: StoreSettings, redisTokens: () => { start(): void; current: { authorization: string } | undefined }): Limiter {
+  if (settings.redisUrl === undefined) return new Limiter(new MemoryStore(), settings.onFailure);
+  const tokens = settings.entra ? redisTokens() : undefined;
+  tokens?.start();
+  const store = new RedisStore(settings, tokens === undefined ? undefined : () => tokens.current?.authorization.slice(7));
+  const limiter = new Limiter(store, settings.onFailure);
+  store.limiter = limiter;
+  void store.start();
+  return limiter;
+}
+
+/** --check: the store answers PING (signed in as the proxy would be), or what is wrong with it. */
+export async function checkStore(settings: StoreSettings, identity: { requestToken(scope: string): Promise<{ authorization: string }> }): Promise<string | { store: string; round_trip_ms: number } | undefined> {
+  if (settings.redisUrl === undefined) return undefined;
+  const store = redactedUrl(settings.redisUrl);
+  let token: string | undefined;
+  try {
+    if (settings.entra) token = (await identity.requestToken(REDIS_ENTRA_SCOPE)).authorization.slice(7);
+  } catch (error) {
+    return `limits store ${store}: no Entra ID token for ${REDIS_ENTRA_SCOPE}: ${errorMessage(error)}`;
+  }
+  const probe = new RedisStore(settings, settings.entra ? () => token : undefined);
+  try {
+    const startedAt = performance.now();
+    const pong = await Promise.race([probe.ping(), Bun.sleep(2 * SECOND).then(() => "no answer within 2 s")]);
+    if (pong !== "PONG") return `limits store ${store}: ${pong}`;
+    return { store, round_trip_ms: Math.round((performance.now() - startedAt) * 10) / 10 };
+  } catch (error) {
+    return `limits store ${store}: ${errorMessage(error)}`;
+  } finally {
+    probe.stop();
+  }
 }

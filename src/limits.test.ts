@@ -480,6 +480,24 @@ describe("Limits: a Redis with a password", () => {
 });
 
 describe("Limits: configuration", () => {
+  test("--check asks the limits store PING as the proxy would sign in: its round trip in the summary, or exit 1 naming the store", async () => {
+    const redis = await new RedisServer().start();
+    await redis.command("CONFIG", ["SET", "requirepass", "check-password-for-tests"]);
+    try {
+      const up = spawnProxy(baseEnv({ AUTH_PROXY_CALLERS: limitedCallers(), AUTH_PROXY_REDIS_URL: `redis://:check-password-for-tests@127.0.0.1:${redis.port}` }), ["--check"]);
+      expect(await up.exited).toBe(0);
+      const summary = JSON.parse(up.stdout);
+      expect(summary.limits_store).toMatchObject({ store: `redis://:***@127.0.0.1:${redis.port}` });
+      expect(summary.limits_store.round_trip_ms).toBeGreaterThan(0);
+      expect(up.stdout + up.stderr).not.toContain("check-password-for-tests");
+    } finally {
+      await redis.kill();
+    }
+    const down = spawnProxy(baseEnv({ AUTH_PROXY_CALLERS: limitedCallers(), AUTH_PROXY_REDIS_URL: `redis://127.0.0.1:${redis.port}` }), ["--check"]);
+    expect(await down.exited).toBe(1);
+    expect(down.stderr).toContain(`--check failed: limits store redis://127.0.0.1:${redis.port}`);
+  });
+
   test("faults in limits, the store's URL and its failure mode are refused at start with their place", async () => {
     const bad = certs.write("bad-limits.yaml", "callers:\n  - name: a\n    keys: [k-1]\n    limits: { tokens_per_minute: 0, requests_per_hour: 5 }\n");
     const cases: [Record<string, string>, string[]][] = [
