@@ -669,13 +669,13 @@ function exchangeEnded(exchange: Exchange, how: ExchangeEnd): void {
     if (exchange.firstByteAt !== 0) observe(series.firstByte, (exchange.firstByteAt - exchange.startedAt) / SECOND);
     observe(series.responseEnd, (endedAt - exchange.startedAt) / SECOND);
   }
+  if (exchange.strip !== undefined) exchange.usage = exchange.strip.usage;
   if (TOKENS_COUNTED) {
     if (exchange.usageScan !== undefined) exchange.usage = scannedUsage(exchange.usageScan);
-    if (exchange.strip !== undefined) exchange.usage = exchange.strip.usage;
     if (exchange.usage !== undefined) countTokens(metrics, series.set, series.deployment, exchange.usage);
   }
   // A client that left keeps its reservation: the upstream's status, not 499, decides.
-  if (exchange.admission !== undefined) exchange.admission.caller.limiter.settle(exchange.admission, exchange.status, exchange.strip?.usage ?? exchange.usage);
+  if (exchange.admission !== undefined) exchange.admission.caller.limiter.settle(exchange.admission, exchange.status, exchange.usage);
   if (!accessLogEnabled) return;
   exchange.status = status;
   exchange.end = how;

@@ -201,9 +201,9 @@ export function redactedUrl(url: string): string {
 }
 
 /** Entra ID sign-in: the current token for REDIS_ENTRA_SCOPE, or undefined while there is none. */
-export type RedisToken = () => string | undefined;
+type RedisToken = () => string | undefined;
 
-export class RedisStore implements Store {
+class RedisStore implements Store {
   readonly kind = "redis";
   private client: RedisClient;
   private readonly sha = new Map<string, string>();
@@ -372,7 +372,7 @@ function verdictOf(answer: unknown, nonce: string): Verdict {
 }
 
 /** Azure Managed Redis names an Entra ID user by the identity's object ID: the token's own `oid`. */
-export function objectIdOf(token: string): string {
+function objectIdOf(token: string): string {
   try {
     const claims = JSON.parse(Buffer.from(token.split(".")[1]!, "base64url").toString("utf8")) as { oid?: unknown };
     return typeof claims.oid === "string" ? claims.oid : "";

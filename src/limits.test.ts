@@ -5,6 +5,7 @@
  * src/stream-usage.ts called directly.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { writeFileSync } from "node:fs";
 import { spawnProxy, startProxy, type ProxyProcess } from "../test/harness.ts";
 import { promtool, scrape, valueOf } from "../test/prometheus.ts";
 import { TestSocket } from "../test/websocket.ts";
@@ -211,6 +212,8 @@ for (const storeKind of ["memory", "redis"] as const) {
         expect(response.status).toBe(200);
         remaining.push(response.headers.get("x-auth-proxy-remaining-requests")!);
         expect(response.headers.get("x-auth-proxy-remaining-tokens")).toBeNull();
+        // Azure's x-ratelimit-* pass as they came.
+        expect([response.headers.get("x-ratelimit-remaining-tokens"), response.headers.get("x-ratelimit-remaining-requests")]).toEqual(["4242", "42"]);
         await response.text();
       }
       expect(remaining).toEqual(["2", "1", "0"]);
@@ -404,6 +407,32 @@ for (const storeKind of ["memory", "redis"] as const) {
     });
   });
 }
+
+describe("Limits: a sidecar's app, and a reload", () => {
+  test("AUTH_PROXY_CALLER enforces its entry's limits with no credential; a reloaded callers file changes them and the counts go on", async () => {
+    const usage = new UsageUpstream().start();
+    const file = certs.write("sidecar-callers.yaml", "callers:\n  - name: app\n    keys: [app-key-0001]\n    limits: { requests_per_minute: 3 }\n");
+    const proxy = await startProxy(baseEnv({ API_BASE_URL: usage.url, AUTH_PROXY_CALLERS: file, AUTH_PROXY_CALLER: "app" }));
+    await proxy.waitForHealth();
+    const statuses = async (count: number) => {
+      const seen: number[] = [];
+      for (let index = 0; index < count; index += 1) {
+        const response = await fetch(`${proxy.url}${CHAT}`, { method: "POST", body: SMALL_CHAT });
+        seen.push(response.status);
+        await response.text();
+      }
+      return seen;
+    };
+    expect(await statuses(4)).toEqual([200, 200, 200, 429]);
+    writeFileSync(file, "callers:\n  - name: app\n    keys: [app-key-0001]\n    limits: { requests_per_minute: 5 }\n");
+    proxy.proc.kill("SIGHUP");
+    await proxy.waitForLog((line) => line.msg === "configuration reloaded");
+    // Three already counted in this minute: two more fit under 5.
+    expect(await statuses(3)).toEqual([200, 200, 429]);
+    await proxy.stop();
+    usage.stop();
+  });
+});
 
 describe("Limits: Azure Managed Redis with Entra ID", () => {
   test("the proxy signs in as its identity's object ID with a token for redis.azure.com; each new token is a new sign-in before the old one expires, so a reconnect never uses a stale one", async () => {

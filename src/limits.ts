@@ -14,14 +14,14 @@ import { escapeLabel, family } from "./metrics.ts";
 import { type Usage } from "./usage.ts";
 import { streamsUsageOnRequest, takesStreamOptions, withIncludeUsage } from "./stream-usage.ts";
 
-export const LIMIT_NAMES = ["tokens_per_minute", "requests_per_minute", "tokens_per_day", "tokens_per_month"] as const;
+const LIMIT_NAMES = ["tokens_per_minute", "requests_per_minute", "tokens_per_day", "tokens_per_month"] as const;
 export type LimitName = (typeof LIMIT_NAMES)[number];
 
 /** A caller's limits as the callers file gives them; 0: none. */
 export type CallerLimits = Record<LimitName, number>;
 
 /** The sliding minute is counted in one-second slots: the 61 that any 60 s touches, so no 60 s ever holds more than the limit. */
-export const WINDOW_SLOTS = 61;
+const WINDOW_SLOTS = 61;
 
 /**
  * The output a request reserves when it names no cap (`max_tokens`,
@@ -34,10 +34,10 @@ export const DEFAULT_OUTPUT_RESERVATION = 4096;
 export const INLINE_MEDIA_RESERVATION = 1500;
 
 /** Every store call's deadline (the issue's 250 ms): a store slower than that is away for this request. */
-export const STORE_DEADLINE_MS = 250;
+const STORE_DEADLINE_MS = 250;
 
 /** After a store call fails, requests use the local counts for this long before asking the store again (no request waits more than a deadline). */
-export const STORE_RETRY_MS = SECOND;
+const STORE_RETRY_MS = SECOND;
 
 /** The `limits:` mapping of a callers entry: positive integers, each optional; every fault by place. */
 export function parseLimits(value: unknown, place: string, faults: string[]): CallerLimits | undefined {
@@ -52,7 +52,7 @@ export function parseLimits(value: unknown, place: string, faults: string[]): Ca
   return limits;
 }
 
-export function hasTokenLimits(limits: CallerLimits): boolean {
+function hasTokenLimits(limits: CallerLimits): boolean {
   return limits.tokens_per_minute > 0 || limits.tokens_per_day > 0 || limits.tokens_per_month > 0;
 }
 
@@ -127,7 +127,7 @@ function inlineMedia(value: unknown, media: { count: number; bytes: number }, de
 }
 
 /** Input + output, as Azure counts a deployment's tokens-per-minute quota; undefined when the usage gave neither. */
-export function usageTotal(usage: Usage | undefined): number | undefined {
+function usageTotal(usage: Usage | undefined): number | undefined {
   if (usage === undefined || (usage.tokens[0] < 0 && usage.tokens[1] < 0)) return undefined;
   return Math.max(0, usage.tokens[0]) + Math.max(0, usage.tokens[1]);
 }
@@ -458,14 +458,14 @@ export class Limiter {
 }
 
 /** The proxy's own budget headers on every answer to a limited caller (Azure's `x-ratelimit-*` pass as they came). */
-export const BUDGET_HEADERS: Record<LimitName, string> = {
+const BUDGET_HEADERS: Record<LimitName, string> = {
   tokens_per_minute: "x-auth-proxy-remaining-tokens",
   requests_per_minute: "x-auth-proxy-remaining-requests",
   tokens_per_day: "x-auth-proxy-remaining-tokens-day",
   tokens_per_month: "x-auth-proxy-remaining-tokens-month",
 };
 
-export function budgetHeaders(limits: CallerLimits, remaining: CallerLimits): Record<string, string> {
+function budgetHeaders(limits: CallerLimits, remaining: CallerLimits): Record<string, string> {
   const headers: Record<string, string> = {};
   for (const name of LIMIT_NAMES) if (limits[name] > 0) headers[BUDGET_HEADERS[name]] = String(Math.max(0, remaining[name]));
   return headers;

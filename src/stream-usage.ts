@@ -130,18 +130,19 @@ function strippedEvent(strip: UsageStrip, event: Uint8Array): Uint8Array {
   return cut === text ? event : encoder.encode(cut);
 }
 
+/** Whether an event ends at `at`: a line feed after an empty line (LF LF, or LF CR LF). */
+function endsEvent(bytes: Uint8Array, at: number): boolean {
+  return bytes[at] === 0x0a && (bytes[at - 1] === 0x0a || (bytes[at - 1] === 0x0d && bytes[at - 2] === 0x0a));
+}
+
 /** Where the last whole event ends (after its blank line), 0 when none has. */
 function lastEventEnd(bytes: Uint8Array): number {
-  for (let at = bytes.byteLength - 1; at > 0; at -= 1) {
-    if (bytes[at] === 0x0a && (bytes[at - 1] === 0x0a || (bytes[at - 1] === 0x0d && bytes[at - 2] === 0x0a))) return at + 1;
-  }
+  for (let at = bytes.byteLength - 1; at > 0; at -= 1) if (endsEvent(bytes, at)) return at + 1;
   return 0;
 }
 
 function nextEventEnd(bytes: Uint8Array, from: number, end: number): number {
-  for (let at = from + 1; at < end; at += 1) {
-    if (bytes[at] === 0x0a && (bytes[at - 1] === 0x0a || (bytes[at - 1] === 0x0d && bytes[at - 2] === 0x0a))) return at + 1;
-  }
+  for (let at = from + 1; at < end; at += 1) if (endsEvent(bytes, at)) return at + 1;
   return -1;
 }
 

@@ -129,7 +129,9 @@ export class UsageUpstream {
       const text = chatStream(request.stream_options?.include_usage === true, { prompt, completion });
       return sse(text.split(/(?<=\n\n)/));
     }
-    return Response.json({ id: "chatcmpl-1", object: "chat.completion", model: "gpt-4o", choices: [{ index: 0, message: { role: "assistant", content: "hi" }, finish_reason: "stop" }], usage: { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion } });
+    // Azure's own quota headers, which pass to the client beside the proxy's.
+    const quota = { "x-ratelimit-remaining-tokens": "4242", "x-ratelimit-remaining-requests": "42" };
+    return Response.json({ id: "chatcmpl-1", object: "chat.completion", model: "gpt-4o", choices: [{ index: 0, message: { role: "assistant", content: "hi" }, finish_reason: "stop" }], usage: { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion } }, { headers: quota });
   }
 }
 
